@@ -1,0 +1,15 @@
+"""Resilient SAE training: crash-safe checkpoints, exact resume, signals, status, mirror.
+
+The modules, from the bottom up:
+- ``errors``: the exceptions the CLI turns into one-line messages and exit codes.
+- ``config``: the run file (TOML) -> validated settings -> SAELens's own config objects.
+- ``rundir``: the stable layout of one run on disk.
+- ``atomic``: fsync'd writes and renames, the primitives every durable write uses.
+- ``checkpoint``: atomic, checksummed checkpoint directories and the background writer.
+- ``data``: token sequences with an O(1) position, and the activation stream with a
+  savable mixing buffer.
+- ``state``: snapshots of everything that must survive for an exact resume.
+- ``mirror``: copies of committed checkpoints to any fsspec URL.
+- ``status``: the ``status.json`` the laptop reads.
+- ``runner``: the training loop that ties them together; ``cli``: ``lenslab-train``.
+"""

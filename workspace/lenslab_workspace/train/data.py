@@ -1,0 +1,309 @@
+"""Data with a position that can be saved and restored in O(1).
+
+SAELens streams its dataset and, on resume, re-reads it from the start up to the saved
+position. lenslab instead tokenizes the dataset once into a fixed-width array of sequences
+(``data/tokens-<key>.npy``, memory-mapped), so the position is one integer and resuming at
+90 % costs the same as at 10 %. The sequences are made exactly as SAELens makes them
+(``concat_and_batch_sequences``), and activations are mixed exactly as its ``mixing_buffer``
+mixes them, but with the buffer held in an object whose contents are part of the
+checkpoint: a resumed run is served the very same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lenslab_workspace.train.atomic import fsync_dir
+from lenslab_workspace.train.errors import DataError
+
+log = logging.getLogger("lenslab.train")
+
+TOKEN_COLUMNS = ("tokens", "input_ids", "text", "problem")
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+class ByteTokenizer:
+    """The tiny-random model's tokenizer: UTF-8 bytes, BOS is the last id of the vocabulary."""
+
+    def __init__(self, d_vocab: int) -> None:
+        self.bos_token_id = d_vocab - 1
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def dataset_key(runner: dict[str, Any], tokenizer_name: str, n_sequences: int) -> str:
+    """What determines the token array; a change makes a new array instead of reusing one."""
+    path = Path(runner["dataset_path"])
+    fingerprint: dict[str, Any] = {
+        "dataset_path": runner["dataset_path"],
+        "tokenized": runner.get("is_dataset_tokenized", True),
+        "context_size": runner.get("context_size", 128),
+        "prepend_bos": runner.get("prepend_bos", True),
+        "separator": runner.get("sequence_separator_token", "bos"),
+        "no_concat": runner.get("disable_concat_sequences", False),
+        "tokenizer": tokenizer_name,
+        "n_sequences": n_sequences,
+    }
+    if path.exists():
+        stat = path.stat()
+        fingerprint["file"] = [stat.st_size, int(stat.st_mtime)]
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def iterate_rows(runner: dict[str, Any]) -> Iterator[Any]:
+    """Rows of the dataset's token column, from a local file or a Hugging Face dataset."""
+    import datasets
+
+    source = runner["dataset_path"]
+    path = Path(source)
+    try:
+        if path.is_dir():
+            dataset: Any = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset["train"]
+        elif path.exists():
+            kind = LOCAL_FORMATS.get(path.suffix)
+            if kind is None:
+                raise DataError(
+                    f"dataset_path {source}: unsupported file type {path.suffix!r}; "
+                    f"use one of {', '.join(LOCAL_FORMATS)} or a saved dataset directory"
+                )
+            if kind == "arrow":
+                dataset = datasets.Dataset.from_file(str(path))
+            else:
+                dataset = datasets.load_dataset(kind, data_files=str(path), split="train")
+        else:
+            dataset = datasets.load_dataset(
+                source,
+                split="train",
+                streaming=runner.get("streaming", True),
+                trust_remote_code=runner.get("dataset_trust_remote_code", True),
+            )
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many unrelated types for one cause: not loadable
+        raise DataError(f"dataset_path {source}: cannot load it: {' '.join(str(exc).split())}") from exc
+
+    columns = list(dataset.column_names or [])
+    column = next((c for c in TOKEN_COLUMNS if c in columns), None)
+    if column is None:
+        raise DataError(
+            f"dataset_path {source}: no token or text column; expected one of {', '.join(TOKEN_COLUMNS)}, "
+            f"found {', '.join(columns) or 'none'}"
+        )
+    for row in dataset:
+        yield row[column]
+
+
+def iterate_sequences(runner: dict[str, Any], model: Any, tokenizer: Any) -> Iterator[torch.Tensor]:
+    """Fixed-length token sequences, made the way SAELens's ActivationsStore makes them."""
+    from sae_lens.pretokenize_runner import get_special_token_from_cfg
+    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
+
+    context_size = runner.get("context_size", 128)
+    if runner.get("is_dataset_tokenized", True):
+        for row in iterate_rows(runner):
+            tokens = torch.as_tensor(row[:context_size], dtype=torch.long)
+            if tokens.shape[0] < context_size:
+                raise DataError(
+                    f"dataset_path {runner['dataset_path']}: a pre-tokenized row has {tokens.shape[0]} tokens, "
+                    f"fewer than context_size = {context_size}; lower context_size or re-tokenize"
+                )
+            yield tokens
+        return
+
+    def tokenized() -> Iterator[torch.Tensor]:
+        for text in iterate_rows(runner):
+            if isinstance(tokenizer, ByteTokenizer):
+                yield tokenizer.encode(text)
+            else:
+                yield model.to_tokens(text, truncate=False, move_to_device=False, prepend_bos=False).squeeze(0)
+
+    bos = tokenizer.bos_token_id if tokenizer is not None else None
+    separator_cfg = runner.get("sequence_separator_token", "bos")
+    if isinstance(tokenizer, ByteTokenizer):
+        separator = bos if separator_cfg in ("bos", "eos", "sep") else separator_cfg
+    else:
+        separator = get_special_token_from_cfg(separator_cfg, tokenizer) if tokenizer is not None else None
+    yield from concat_and_batch_sequences(
+        tokens_iterator=tokenized(),
+        context_size=context_size,
+        begin_batch_token_id=bos if runner.get("prepend_bos", True) else None,
+        begin_sequence_token_id=None,
+        sequence_separator_token_id=separator,
+        disable_concat_sequences=runner.get("disable_concat_sequences", False),
+    )
+
+
+def sequences_needed(runner: dict[str, Any], training_context_size: int) -> int:
+    """Enough sequences for the whole run, so a streamed dataset is read once and no further."""
+    tokens = runner.get("training_tokens", 2_000_000)
+    tokens += runner.get("n_batches_for_norm_estimate", 1000) * runner.get("train_batch_size_tokens", 4096)
+    batch = runner.get("store_batch_size_prompts", 32)
+    buffer_batches = runner.get("n_batches_in_buffer", 20)
+    return math.ceil(tokens / max(training_context_size, 1)) + (buffer_batches + 2) * batch
+
+
+def materialize_tokens(
+    runner: dict[str, Any], model: Any, tokenizer: Any, data_dir: Path, tokenizer_name: str, limit: int
+) -> np.ndarray:
+    """Tokenize once into ``data/tokens-<key>.npy`` (atomically) and memory-map it."""
+    target = data_dir / f"tokens-{dataset_key(runner, tokenizer_name, limit)}.npy"
+    if target.exists():
+        return np.load(target, mmap_mode="r")
+    context_size = runner.get("context_size", 128)
+    rows: list[torch.Tensor] = []
+    for sequence in iterate_sequences(runner, model, tokenizer):
+        rows.append(sequence.to(torch.int32))
+        if len(rows) >= limit:
+            break
+    if not rows:
+        raise DataError(f"dataset_path {runner['dataset_path']}: no complete sequence of {context_size} tokens")
+    log.info("tokenized %d sequences of %d tokens into %s", len(rows), context_size, target.name)
+    array = torch.stack(rows).numpy()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    fsync_dir(data_dir)
+    return np.load(target, mmap_mode="r")
+
+
+class ActivationStream:
+    """Batches of activations for SAE training, with a state that checkpoints can hold.
+
+    The state is the next sequence index, the epoch, and the contents of the mixing buffer
+    (the kept activations and the not-yet-served batches). Restoring it, together with the
+    torch RNG state, continues the exact sample stream of an uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokens: np.ndarray,
+        runner: dict[str, Any],
+        d_in: int,
+        exclude_tokens: torch.Tensor | None,
+    ) -> None:
+        from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+
+        self.model = model
+        self.tokens = tokens
+        self.hook_name: str = runner.get("hook_name", "blocks.0.hook_mlp_out")
+        self.hook_head_index: int | None = runner.get("hook_head_index")
+        self.seqpos_slice = slice(*runner.get("seqpos_slice", (None,)))
+        self.model_kwargs: dict[str, Any] = runner.get("model_kwargs", {})
+        self.store_batch_size = runner.get("store_batch_size_prompts", 32)
+        self.batch_size = runner.get("train_batch_size_tokens", 4096)
+        self.mix_fraction = runner.get("activations_mixing_fraction", 0.5)
+        context_size = runner.get("context_size", 128)
+        training_context_size = len(range(context_size)[self.seqpos_slice])
+        self.buffer_size = runner.get("n_batches_in_buffer", 20) * training_context_size
+        self.d_in = d_in
+        self.exclude_tokens = exclude_tokens
+        self.stop_at_layer = extract_stop_at_layer_from_tlens_hook_name(self.hook_name)
+        self.autocast_lm = bool(runner.get("autocast_lm", False))
+        if self.buffer_size < self.batch_size:
+            # SAELens's mixing_buffer refuses this too; say which fields to change.
+            raise DataError(
+                f"n_batches_in_buffer x context ({self.buffer_size} tokens) is smaller than "
+                f"train_batch_size_tokens ({self.batch_size}); raise n_batches_in_buffer"
+            )
+        if tokens.shape[0] < self.store_batch_size:
+            raise DataError(
+                f"the dataset has {tokens.shape[0]} sequences, fewer than store_batch_size_prompts "
+                f"({self.store_batch_size}); use more data or a smaller store_batch_size_prompts"
+            )
+        self.position = 0
+        self.epoch = 0
+        self._storage: torch.Tensor | None = None
+        self._serving: torch.Tensor | None = None
+        self._served = 0
+
+    def __iter__(self) -> ActivationStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._serving is None or self._served * self.batch_size >= self._serving.shape[0]:
+            self._refill()
+        assert self._serving is not None
+        start = self._served * self.batch_size
+        self._served += 1
+        return self._serving[start : start + self.batch_size]
+
+    @torch.no_grad()
+    def _refill(self) -> None:
+        # Same arithmetic as sae_lens.training.mixing_buffer.mixing_buffer, one refill at a time.
+        while True:
+            new = self._llm_batch()
+            self._storage = new if self._storage is None else torch.cat([self._storage, new], dim=0)
+            if self._storage.shape[0] >= self.buffer_size:
+                break
+        if self.mix_fraction > 0:
+            self._storage = self._storage[torch.randperm(self._storage.shape[0])]
+        keep_for_mixing = int(self.buffer_size * self.mix_fraction)
+        num_to_serve = self._storage.shape[0] - keep_for_mixing
+        serving_cutoff = max(1, num_to_serve // self.batch_size) * self.batch_size
+        self._serving = self._storage[:serving_cutoff]
+        self._storage = self._storage[serving_cutoff:]
+        self._served = 0
+
+    def _next_tokens(self) -> torch.Tensor:
+        if self.position + self.store_batch_size > self.tokens.shape[0]:
+            log.warning("all sequences of the dataset have been used; beginning epoch %d", self.epoch + 1)
+            self.position = 0
+            self.epoch += 1
+        rows = self.tokens[self.position : self.position + self.store_batch_size]
+        self.position += self.store_batch_size
+        return torch.from_numpy(np.asarray(rows, dtype=np.int64))
+
+    @torch.no_grad()
+    def _llm_batch(self) -> torch.Tensor:
+        batch_tokens = self._next_tokens().to(self.model.cfg.device)
+        with torch.autocast(
+            device_type=torch.device(self.model.cfg.device).type, dtype=torch.bfloat16, enabled=self.autocast_lm
+        ):
+            _, cache = self.model.run_with_cache(
+                batch_tokens,
+                names_filter=[self.hook_name],
+                stop_at_layer=self.stop_at_layer,
+                prepend_bos=False,
+                **self.model_kwargs,
+            )
+        acts = cache[self.hook_name][:, self.seqpos_slice]
+        if self.hook_head_index is not None:
+            acts = acts[:, :, self.hook_head_index]
+        acts = acts.reshape(acts.shape[0] * acts.shape[1], self.d_in).float()
+        if self.exclude_tokens is not None:
+            token_ids = batch_tokens[:, self.seqpos_slice].reshape(-1).to(acts.device)
+            acts = acts[~torch.isin(token_ids, self.exclude_tokens.to(acts.device))]
+        return acts
+
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of the stream's state, detached from the live buffers."""
+        remaining = None
+        if self._serving is not None:
+            remaining = self._serving[self._served * self.batch_size :].detach().to("cpu", copy=True)
+        storage = None if self._storage is None else self._storage.detach().to("cpu", copy=True)
+        return {"position": self.position, "epoch": self.epoch, "storage": storage, "serving": remaining}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str) -> None:
+        self.position = int(state["position"])
+        self.epoch = int(state["epoch"])
+        self._storage = None if state["storage"] is None else state["storage"].to(device)
+        self._serving = None if state["serving"] is None else state["serving"].to(device)
+        self._served = 0
