@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging() -> None:
+    # A log file on a full disk must not print tracebacks over the one-line error.
+    logging.raiseExceptions = False
     logger = logging.getLogger("lenslab.train")
     logger.setLevel(logging.INFO)
     logger.propagate = False

@@ -263,16 +263,17 @@ def _resolve_dataset_path(source: Path, fields: dict[str, Any]) -> None:
 
 
 def _validate_dataclass_fields(
-    source: Path, prefix: str, types: dict[str, Any], values: dict[str, Any]
+    source: Path, prefix: str, types: dict[FieldName, Any], values: dict[str, Any]
 ) -> dict[str, Any]:
     """Check names (with a suggestion for typos) and types (pydantic) of SAELens fields."""
+    names = {str(field) for field in types}
     for key in values:
-        if key not in types:
-            hint = difflib.get_close_matches(key, list(types), n=1)
+        if key not in names:
+            hint = difflib.get_close_matches(key, sorted(names), n=1)
             suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
             where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
             raise RunConfigError(f"{source}: unknown field '{prefix}{key}' in {where}{suggestion}")
-    model = _pydantic_model_for(prefix or "runner", tuple(sorted(types.items(), key=lambda kv: kv[0])))
+    model = _pydantic_model_for(prefix or "runner", tuple(sorted(types.items(), key=lambda kv: kv[0].name)))
     try:
         validated = model.model_validate(values)
     except pydantic.ValidationError as exc:
@@ -280,9 +281,20 @@ def _validate_dataclass_fields(
     return {k: getattr(validated, k) for k in values}
 
 
+@dataclasses.dataclass(frozen=True)
+class FieldName:
+    """A dataclass field's name, and whether it has no default (so the user must give it)."""
+
+    name: str
+    required: bool
+
+    def __str__(self) -> str:
+        return self.name
+
+
 @cache
-def _pydantic_model_for(name: str, fields: tuple[tuple[str, Any], ...]) -> type[BaseModel]:
-    definitions: dict[str, Any] = {key: (hint, None) for key, hint in fields}
+def _pydantic_model_for(name: str, fields: tuple[tuple[FieldName, Any], ...]) -> type[BaseModel]:
+    definitions: dict[str, Any] = {key.name: (hint, ... if key.required else None) for key, hint in fields}
     return pydantic.create_model(  # type: ignore[no-any-return,call-overload]
         f"Fields_{name.strip('.')}",
         __config__=ConfigDict(arbitrary_types_allowed=True, strict=False),
@@ -290,39 +302,40 @@ def _pydantic_model_for(name: str, fields: tuple[tuple[str, Any], ...]) -> type[
     )
 
 
-def _dataclass_types(cls: type) -> dict[str, Any]:
+def _dataclass_types(cls: type) -> dict[FieldName, Any]:
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {
+        FieldName(f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING): hints[f.name]
+        for f in dataclasses.fields(cls)
+    }
+
+
+def _without(types: dict[FieldName, Any], *names: str) -> dict[FieldName, Any]:
+    return {field: hint for field, hint in types.items() if field.name not in names}
 
 
 @cache
-def _runner_field_types() -> dict[str, Any]:
+def _runner_field_types() -> dict[FieldName, Any]:
     from sae_lens import LanguageModelSAERunnerConfig
 
-    types = _dataclass_types(LanguageModelSAERunnerConfig)
-    for nested in ("sae", "logger"):
-        types.pop(nested)
-    for managed in MANAGED_BY_LENSLAB:
-        types.pop(managed, None)
-    return types
+    return _without(_dataclass_types(LanguageModelSAERunnerConfig), "sae", "logger", *MANAGED_BY_LENSLAB)
 
 
 @cache
-def _logger_field_types() -> dict[str, Any]:
+def _logger_field_types() -> dict[FieldName, Any]:
     from sae_lens import LoggingConfig
 
     return _dataclass_types(LoggingConfig)
 
 
 @cache
-def _sae_field_types() -> dict[str, dict[str, Any]]:
+def _sae_field_types() -> dict[str, dict[FieldName, Any]]:
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
     result = {}
     for architecture, (_, config_class) in SAE_TRAINING_CLASS_REGISTRY.items():
-        types = _dataclass_types(config_class)
-        types.pop("metadata", None)  # filled in by the runner, not by the user
-        result[architecture] = types
+        # metadata is filled in by the runner, not by the user
+        result[architecture] = _without(_dataclass_types(config_class), "metadata")
     return result
 
 

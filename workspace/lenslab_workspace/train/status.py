@@ -24,6 +24,7 @@ It is replaced atomically (write aside, fsync, rename), so a reader never sees h
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from lenslab_workspace.train.atomic import write_json_atomic
+
+log = logging.getLogger("lenslab.train")
 
 SCHEMA_VERSION = 1
 STATES = ("starting", "running", "finished", "interrupted", "failed")
@@ -68,5 +71,10 @@ class StatusFile:
         self.fields.update(fields)
 
     def write(self) -> None:
+        """Best effort: status is for watching, so a full disk must not stop training here
+        (the next checkpoint write reports it and stops cleanly)."""
         self.fields["updated_at"] = time.time()
-        write_json_atomic(self.path, self.fields)
+        try:
+            write_json_atomic(self.path, self.fields)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.path, exc)
