@@ -128,16 +128,25 @@ def commit(snapshot: Snapshot, checkpoints_dir: Path) -> CommittedCheckpoint:
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(checkpoints_dir)
-    except OSError as exc:
+    except Exception as exc:  # writers (safetensors, torch.save) wrap OS errors in their own types
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
-        if exc.errno == errno.ENOSPC:
+        if _is_disk_full(exc):
             raise CheckpointError(
                 f"disk full while writing checkpoint {final.name} in {checkpoints_dir}: free space there "
                 "(or lower resilience.keep_last) and run the same command again; earlier checkpoints are intact"
             ) from exc
-        raise CheckpointError(f"cannot write checkpoint {final.name} in {checkpoints_dir}: {exc}") from exc
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"cannot write checkpoint {final.name} in {checkpoints_dir}: {exc}") from exc
+        raise
     return CommittedCheckpoint(final, snapshot.step, snapshot.n_training_samples, created_at)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text
 
 
 def verify(path: Path) -> dict[str, Any]:
