@@ -1,0 +1,130 @@
+"""``lenslab up`` and ``lenslab down``: bring the box to a ready state, and stand it down."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import Any
+
+from lenslab.cli.common import Progress, add_command, emit, load_config
+
+# Containers lenslab starts carry this label; `down` stops exactly those.
+BOX_LABEL = "lenslab.box"
+
+
+def up(args: argparse.Namespace) -> int:
+    """Make the box ready: reach it, bootstrap it, write its ssh config entry.
+
+    Bootstrap installs Docker (and the NVIDIA Container Toolkit on a GPU box) when missing and
+    creates the persistent root. Re-running on a ready box changes nothing and takes seconds.
+
+    Example:
+      lenslab up
+      lenslab up --json | jq .bootstrap.changed
+    """
+    from lenslab import sshconfig
+    from lenslab.providers.base import provider_for
+    from lenslab.remote.bootstrap import bootstrap
+
+    cfg = load_config(args)
+    progress = Progress(quiet=args.json)
+    provider = provider_for(cfg.box)
+    with progress.step(f"finding box {cfg.box.name} ({cfg.box.provider})"):
+        box = provider.launch(cfg.box)
+    _check_identity(box.identity_file, cfg.path)
+    where = f"{box.user}@{box.host}:{box.port}" if box.host else "this machine"
+    with progress.step(f"connecting to {where}"):
+        runner = provider.connect(box, attempts=args.attempts)
+    try:
+        with progress.step("bootstrapping (Docker, GPU, persistent root)"):
+            summary = bootstrap(runner, box.root, cfg.box.gpu)
+    finally:
+        runner.close()
+    for warning in summary.get("warnings", []):
+        progress.note(f"[yellow]warning:[/] {warning}")
+    if box.host and box.user and box.identity_file:
+        sshconfig.add(sshconfig.Entry(box.alias, box.host, box.port, box.user, box.identity_file))
+    emit(args, {"box": box.name, "alias": box.alias, "bootstrap": summary}, _ready_text(box, summary))
+    return 0
+
+
+def _check_identity(identity: Any, config_path: Any) -> None:
+    from lenslab.errors import ConfigError
+
+    if identity is not None and not identity.exists():
+        raise ConfigError(
+            f"{config_path}: box.identity_file: {identity} does not exist",
+            "run `lenslab init` to make lenslab's key, or point identity_file at your key",
+        )
+
+
+def _ready_text(box: Any, summary: dict[str, Any]) -> str:
+    gpus = summary.get("gpus") or []
+    gpu_text = ", ".join(g["name"] for g in gpus) if gpus else "no GPU (CPU mode)"
+    changed = summary.get("changed") or []
+    lines = [
+        f"box {box.name} is ready: {summary.get('os')} {summary.get('os_version')}, {gpu_text}, "
+        f"docker {summary.get('docker')}, root {summary.get('root')}",
+        f"changed: {'; '.join(changed) if changed else 'nothing (already ready)'}",
+    ]
+    if box.host:
+        lines += [f"shell:  ssh {box.alias}", "VSCode: lenslab code"]
+    return "\n".join(lines)
+
+
+def down(args: argparse.Namespace) -> int:
+    """Stop lenslab's containers on the box and remove its ssh config entry; keep all data.
+
+    The persistent root (workspace/, checkpoints/, hf-cache/, runs/) stays on the box. An
+    unreachable box still loses its ssh entry, so `down` always succeeds.
+
+    Example:
+      lenslab down
+    """
+    from lenslab import sshconfig
+    from lenslab.errors import HostUnreachable
+    from lenslab.providers.base import provider_for
+
+    cfg = load_config(args)
+    progress = Progress(quiet=args.json)
+    provider = provider_for(cfg.box)
+    box = provider.launch(cfg.box)
+    stopped: list[str] = []
+    reachable = True
+    try:
+        with progress.step("stopping lenslab containers"):
+            runner = provider.connect(box, attempts=1)
+            try:
+                stopped = _stop_containers(runner, box.name)
+            finally:
+                runner.close()
+    except HostUnreachable as exc:
+        reachable = False
+        progress.note(f"[yellow]warning:[/] {exc}; its containers were left as they are")
+    provider.terminate(box)
+    removed = sshconfig.remove(box.alias) if box.host else False
+    emit(
+        args,
+        {"box": box.name, "reachable": reachable, "stopped": stopped, "ssh_entry_removed": removed},
+        f"box {box.name} is down: stopped {len(stopped)} container(s)"
+        f"{', removed ssh entry ' + box.alias if removed else ''}; data kept in {box.root}",
+    )
+    return 0
+
+
+def _stop_containers(runner: Any, name: str) -> list[str]:
+    label = shlex.quote(f"label={BOX_LABEL}={name}")
+    result = runner.run(
+        f"command -v docker >/dev/null || exit 0; ids=$(docker ps -q --filter {label}); "
+        '[ -z "$ids" ] || docker stop $ids',
+        check=True,
+    )
+    return [line for line in result.stdout.split() if line]
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(commands, "up", up)
+    parser.add_argument(
+        "--attempts", type=int, default=6, help="connection attempts while the box boots (default: 6)"
+    )
+    add_command(commands, "down", down)

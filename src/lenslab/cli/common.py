@@ -1,0 +1,87 @@
+"""What every command shares: registering with its docstring as help, loading the config,
+showing progress (rich, on stderr, only for humans) and printing results (text or ``--json``)."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lenslab.config import Config
+    from lenslab.records import Box
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def add_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Command,
+    *,
+    json_flag: bool = True,
+) -> argparse.ArgumentParser:
+    """A subcommand whose help is ``func``'s docstring (first line: summary; the rest: details)."""
+    doc = inspect.getdoc(func) or ""
+    parser = commands.add_parser(
+        name,
+        help=doc.splitlines()[0] if doc else None,
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.set_defaults(run=func)
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    from lenslab import config
+
+    return config.load(Path(args.config) if args.config else None)
+
+
+def box_of(cfg: Config) -> Box:
+    from lenslab.providers.base import provider_for
+
+    return provider_for(cfg.box).launch(cfg.box)
+
+
+class Progress:
+    """Steps shown with a rich spinner on stderr; silent when output is JSON or not a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self._console: Any = None
+        if not quiet:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, highlight=False)
+
+    @contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        if self._console is None:
+            yield
+            return
+        start = time.monotonic()
+        with self._console.status(text):
+            yield
+        self._console.print(f"[green]✓[/] {text} [dim]({time.monotonic() - start:.1f}s)[/]")
+
+    def note(self, text: str) -> None:
+        if self._console is not None:
+            self._console.print(text)
+
+
+def emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        json.dump(data, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(text)

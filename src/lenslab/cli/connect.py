@@ -1,0 +1,94 @@
+"""``lenslab ssh`` and ``lenslab code``: get onto the box."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from lenslab.cli.common import add_command, emit, load_config
+
+
+def ssh(args: argparse.Namespace) -> int:
+    """Open a shell on the box, or run one command there and exit with its status.
+
+    With a command, its output streams back and lenslab exits with the remote exit status.
+    Without one, this runs your OpenSSH client on the alias `lenslab up` wrote.
+
+    Example:
+      lenslab ssh
+      lenslab ssh -- nvidia-smi
+    """
+    from lenslab.providers.base import provider_for
+
+    cfg = load_config(args)
+    provider = provider_for(cfg.box)
+    box = provider.launch(cfg.box)
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        return _interactive(box.alias, box.host is not None)
+    runner = provider.connect(box, attempts=1)
+    try:
+        result = runner.run(shlex.join(command), on_output=_passthrough)
+    finally:
+        runner.close()
+    return result.exit_status
+
+
+def _passthrough(stream: str, text: str) -> None:
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.write(text)
+    out.flush()
+
+
+def _interactive(alias: str, remote: bool) -> int:
+    if not remote:
+        shell = os.environ.get("SHELL", "/bin/bash")
+        os.execvp(shell, [shell])
+    client = shutil.which("ssh")
+    if client is None:
+        from lenslab.errors import LenslabError
+
+        raise LenslabError("no OpenSSH client (ssh) on PATH", f"install it, then run `ssh {alias}`")
+    os.execv(client, [client, alias])
+    return 0  # pragma: no cover - execv does not return
+
+
+def code(args: argparse.Namespace) -> int:
+    """Open VSCode on the box's workspace through Remote-SSH.
+
+    Runs `code --remote ssh-remote+lenslab-<name> <root>/workspace`; prints that command when
+    VSCode's `code` is not on PATH. Run `lenslab up` first: it writes the ssh alias.
+
+    Example:
+      lenslab code
+      lenslab code --print
+    """
+    cfg = load_config(args)
+    box = cfg.box
+    root = box.persistent_root
+    if box.provider == "local":
+        workspace = str(Path(root).expanduser() / "workspace")
+        command = ["code", workspace]
+    else:
+        # VSCode expands nothing in the remote path; "~/x" would be taken literally.
+        home = "/root" if box.user == "root" else f"/home/{box.user}"
+        workspace = root.replace("~", home, 1) if root.startswith("~") else root
+        workspace = f"{workspace.rstrip('/')}/workspace"
+        command = ["code", "--remote", f"ssh-remote+{box.alias}", workspace]
+    exe = shutil.which("code")
+    if exe is None or args.print:
+        emit(args, {"command": command, "launched": False}, shlex.join(command))
+        return 0
+    os.execv(exe, [exe, *command[1:]])
+    return 0  # pragma: no cover - execv does not return
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(commands, "ssh", ssh, json_flag=False)
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, help="command to run on the box (after --)")
+    parser = add_command(commands, "code", code)
+    parser.add_argument("--print", action="store_true", help="print the command instead of running it")

@@ -1,0 +1,73 @@
+"""``lenslab status``: is the box reachable, and what does it have."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lenslab.cli.common import add_command, emit, load_config
+
+
+def status(args: argparse.Namespace) -> int:
+    """Show whether the box is reachable, its GPUs, driver, disk, root usage and uptime.
+
+    Exits 0 when the box answers, 3 when it cannot be reached (the reason is in the output).
+
+    Example:
+      lenslab status
+      lenslab status --json | jq .gpus
+    """
+    from lenslab.errors import RemoteError
+    from lenslab.providers.base import provider_for
+    from lenslab.remote.bootstrap import status as box_status
+
+    cfg = load_config(args)
+    provider = provider_for(cfg.box)
+    box = provider.launch(cfg.box)
+    data: dict[str, Any] = {"box": box.name, "provider": box.provider, "alias": box.alias}
+    try:
+        # One try: status answers "is it up?", it does not wait for a booting box.
+        runner = provider.connect(box, attempts=1)
+        try:
+            facts = box_status(runner, box.root, box.name)
+        finally:
+            runner.close()
+    except RemoteError as exc:
+        data.update(reachable=False, error=str(exc))
+        emit(args, data, f"box {box.name}: unreachable: {exc}")
+        return exc.exit_code
+    data.update(reachable=True, **facts)
+    emit(args, data, _text(data))
+    return 0
+
+
+def _text(d: dict[str, Any]) -> str:
+    gpus = d.get("gpus") or []
+    gpu_text = ", ".join(f"{g['name']} ({g['memory_mib']} MiB, {g['utilization_pct']}%)" for g in gpus)
+    used = d.get("root_used_kb")
+    free, total = d.get("disk_free_kb"), d.get("disk_total_kb")
+    disk = f"{_gib(free)} free of {_gib(total)}" if free is not None and total is not None else "unknown"
+    return "\n".join(
+        [
+            f"box {d['box']} ({d['provider']}): reachable, up {_duration(int(d['uptime_s']))}",
+            f"  gpus:   {gpu_text or 'none'}" + (f"  driver {d['driver']}" if d.get("driver") else ""),
+            f"  disk:   {disk}",
+            f"  root:   {d['root']}"
+            + (f" ({_gib(used)} used)" if used is not None else "" if d["root_exists"] else " (missing)"),
+            f"  containers: {d['containers'] if d.get('containers') is not None else 'docker unavailable'}",
+        ]
+    )
+
+
+def _gib(kb: int) -> str:
+    return f"{kb / 1024 / 1024:.1f} GiB"
+
+
+def _duration(seconds: int) -> str:
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    return f"{days}d {hours}h {rest // 60}m" if days else f"{hours}h {rest // 60}m"
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_command(commands, "status", status)
