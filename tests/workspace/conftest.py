@@ -40,11 +40,20 @@ SMALL_RUN: dict[str, Any] = {
     "dead_feature_window": 50,
     "seed": 7,
     "device": "cpu",
-    "sae": {"architecture": "topk", "d_in": 32, "d_sae": 128, "k": 8,
-            "normalize_activations": "expected_average_only_in"},
+    "sae": {
+        "architecture": "topk",
+        "d_in": 32,
+        "d_sae": 128,
+        "k": 8,
+        "normalize_activations": "expected_average_only_in",
+    },
     "tiny_random": {"n_layers": 1, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_ctx": 64},
-    "resilience": {"checkpoint_every_seconds": 1000, "checkpoint_every_tokens": 10240, "keep_last": 3,
-                   "status_every_seconds": 0.05},
+    "resilience": {
+        "checkpoint_every_seconds": 1000,
+        "checkpoint_every_tokens": 10240,
+        "keep_last": 3,
+        "status_every_seconds": 0.05,
+    },
 }
 
 
@@ -67,15 +76,28 @@ def train_command(run_file: Path, runs_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "lenslab_workspace.train.cli", str(run_file), "--runs-dir", str(runs_dir), *extra]
 
 
-def run_train(run_file: Path, runs_dir: Path, *extra: str, env: dict[str, str] | None = None,
-              timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(train_command(run_file, runs_dir, *extra), capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def run_train(
+    run_file: Path, runs_dir: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        train_command(run_file, runs_dir, *extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
-def start_train(run_file: Path, runs_dir: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(train_command(run_file, runs_dir, *extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+def start_train(
+    run_file: Path, runs_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        train_command(run_file, runs_dir, *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
@@ -98,8 +120,11 @@ def wait_for_step(proc: subprocess.Popen[str], run_dir: Path, step: int) -> None
     def reached() -> bool:
         status = read_status(run_dir)
         if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(
+                f"trainer exited early ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}"
+            )
         return status is not None and status["state"] == "running" and status["step"] >= step
+
     wait_for(reached, what=f"step {step}")
 
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from lenslab_workspace.train.config import load_run_file
 from lenslab_workspace.train.errors import RunConfigError
 
@@ -51,30 +50,48 @@ def test_architectures(tmp_path: Path, architecture: str) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (BASE + "contex_size = 64\n[sae]\nd_in = 4\nd_sae = 8\n",
-         "run.toml: unknown field 'contex_size' in the top level (did you mean 'context_size'?)"),
-        (BASE + "[sae]\nd_in = 4\nd_sae = 8\nkk = 3\narchitecture = 'topk'\n",
-         "run.toml: unknown field 'sae.kk' in [sae] (did you mean 'sae.k'?)"),
-        (BASE + "[sae]\nd_in = 'wide'\nd_sae = 8\n",
-         "run.toml: field 'sae.d_in': Input should be a valid integer, unable to parse string as an integer (got 'wide')"),
-        (BASE + "[sae]\nd_in = 4\n",
-         "run.toml: field 'sae.d_sae': is required"),
-        (BASE + "[sae]\narchitecture = 'dense'\nd_in = 4\nd_sae = 8\n",
-         "run.toml: field 'sae.architecture': unknown architecture 'dense'; choose one of abstopk, batchtopk, "
-         "gated, jumprelu, matching_pursuit, matryoshka_batchtopk, standard, topk"),
-        ('model_name = "x"\ndataset_path = "d"\n[sae]\nd_in = 4\nd_sae = 8\n',
-         "run.toml: field 'name': is required"),
-        (BASE.replace('"t"', '"../up"') + "[sae]\nd_in = 4\nd_sae = 8\n",
-         "run.toml: field 'name': String should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$' (got '../up')"),
-        (BASE + "[sae]\nd_in = 4\nd_sae = 8\n[resilience]\nkeep_last = 0\n",
-         "run.toml: field 'resilience.keep_last': Input should be greater than or equal to 1 (got 0)"),
-        (BASE + "[sae]\nd_in = 4\nd_sae = 8\n[logger]\nlog_to_wandb = true\n",
-         "run.toml: field 'logger.log_to_wandb': wandb logging is not supported by lenslab-train yet; set it to "
-         "false (progress goes to the terminal and status.json)"),
-        (BASE + "prefetch_llm_batches = true\n[sae]\nd_in = 4\nd_sae = 8\n",
-         "run.toml: field 'prefetch_llm_batches': prefetching breaks exact resume; set it to false"),
-        ('name = "t"\nmodel_name = "tiny-random"\n[sae]\nd_in = 4\nd_sae = 8\n',
-         "run.toml: field 'dataset_path' is required: a Hugging Face dataset name or a local .jsonl/.parquet/.arrow file"),
+        (
+            BASE + "contex_size = 64\n[sae]\nd_in = 4\nd_sae = 8\n",
+            "run.toml: unknown field 'contex_size' in the top level (did you mean 'context_size'?)",
+        ),
+        (
+            BASE + "[sae]\nd_in = 4\nd_sae = 8\nkk = 3\narchitecture = 'topk'\n",
+            "run.toml: unknown field 'sae.kk' in [sae] (did you mean 'sae.k'?)",
+        ),
+        (
+            BASE + "[sae]\nd_in = 'wide'\nd_sae = 8\n",
+            "run.toml: field 'sae.d_in': Input should be a valid integer, "
+            "unable to parse string as an integer (got 'wide')",
+        ),
+        (BASE + "[sae]\nd_in = 4\n", "run.toml: field 'sae.d_sae': is required"),
+        (
+            BASE + "[sae]\narchitecture = 'dense'\nd_in = 4\nd_sae = 8\n",
+            "run.toml: field 'sae.architecture': unknown architecture 'dense'; choose one of abstopk, batchtopk, "
+            "gated, jumprelu, matching_pursuit, matryoshka_batchtopk, standard, topk",
+        ),
+        ('model_name = "x"\ndataset_path = "d"\n[sae]\nd_in = 4\nd_sae = 8\n', "run.toml: field 'name': is required"),
+        (
+            BASE.replace('"t"', '"../up"') + "[sae]\nd_in = 4\nd_sae = 8\n",
+            "run.toml: field 'name': String should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$' (got '../up')",
+        ),
+        (
+            BASE + "[sae]\nd_in = 4\nd_sae = 8\n[resilience]\nkeep_last = 0\n",
+            "run.toml: field 'resilience.keep_last': Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            BASE + "[sae]\nd_in = 4\nd_sae = 8\n[logger]\nlog_to_wandb = true\n",
+            "run.toml: field 'logger.log_to_wandb': wandb logging is not supported by lenslab-train yet; set it to "
+            "false (progress goes to the terminal and status.json)",
+        ),
+        (
+            BASE + "prefetch_llm_batches = true\n[sae]\nd_in = 4\nd_sae = 8\n",
+            "run.toml: field 'prefetch_llm_batches': prefetching breaks exact resume; set it to false",
+        ),
+        (
+            'name = "t"\nmodel_name = "tiny-random"\n[sae]\nd_in = 4\nd_sae = 8\n',
+            "run.toml: field 'dataset_path' is required: "
+            "a Hugging Face dataset name or a local .jsonl/.parquet/.arrow file",
+        ),
         ("name = [\n", "run.toml: not valid TOML: Invalid value (at end of document)"),
     ],
 )
@@ -85,8 +102,12 @@ def test_malformed_run_files(tmp_path: Path, text: str, expected: str) -> None:
 def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
     path.write_text(BASE + "[sae]\nd_in = 4\nd_sae = 'many'\n")
-    result = subprocess.run([sys.executable, "-m", "lenslab_workspace.train.cli", str(path), "--runs-dir",
-                             str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lenslab_workspace.train.cli", str(path), "--runs-dir", str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"lenslab-train: error: {path}: field 'sae.d_sae': Input should be a valid integer, unable to parse "
@@ -96,8 +117,13 @@ def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
 
 
 def test_missing_run_file(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "lenslab_workspace.train.cli", str(tmp_path / "nope.toml")],
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "lenslab_workspace.train.cli", str(tmp_path / "nope.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"lenslab-train: error: {tmp_path / 'nope.toml'}: no such run file; pass the path of a .toml run file"
@@ -123,8 +149,9 @@ def test_changed_config_is_refused_naming_fields_and_harmless_changes_pass(tmp_p
     )
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
-    write_run_file(run_file, {"training_tokens": 60_000,
-                              "resilience": {"checkpoint_every_tokens": 20480, "keep_last": 2}})
+    write_run_file(
+        run_file, {"training_tokens": 60_000, "resilience": {"checkpoint_every_tokens": 20480, "keep_last": 2}}
+    )
     allowed = run_train(run_file, runs)
     assert allowed.returncode == 0, allowed.stderr
     assert "resuming from step-" in allowed.stderr

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from lenslab_workspace.train.data import ByteTokenizer, materialize_tokens
 from lenslab_workspace.train.errors import DataError
 
@@ -78,10 +77,14 @@ def test_limit_stops_reading(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
-        (lambda p: p.write_text(json.dumps({"words": "x"})), "no token or text column; expected one of tokens, "
-                                                            "input_ids, text, problem, found words"),
-        (lambda p: p.write_text(json.dumps({"tokens": [1, 2, 3]})), "a pre-tokenized row has 3 tokens, fewer than "
-                                                                   "context_size = 8; lower context_size or re-tokenize"),
+        (
+            lambda p: p.write_text(json.dumps({"words": "x"})),
+            "no token or text column; expected one of tokens, input_ids, text, problem, found words",
+        ),
+        (
+            lambda p: p.write_text(json.dumps({"tokens": [1, 2, 3]})),
+            "a pre-tokenized row has 3 tokens, fewer than context_size = 8; lower context_size or re-tokenize",
+        ),
     ],
 )
 def test_bad_datasets(tmp_path: Path, make: Any, expected: str) -> None:

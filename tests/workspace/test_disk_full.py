@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from lenslab_workspace.train.checkpoint import step_dirs, verify
 
 from .conftest import (

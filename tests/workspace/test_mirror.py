@@ -40,8 +40,13 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     # The trainer subprocess inherits these: s3fs reads FSSPEC_S3_* as its options.
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL": endpoint,
+    }.items():
         monkeypatch.setenv(key, value)
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="lab")
     yield endpoint
@@ -64,7 +69,7 @@ def check_restores_from_mirror(tmp_path: Path, mirror: str, reference: dict[str,
 
     result = run_train(run_file, runs)
     assert result.returncode == 0, result.stderr
-    assert f"restored checkpoint step-0000000" in result.stderr
+    assert "restored checkpoint step-0000000" in result.stderr
     assert "starting run 't' from scratch" not in result.stderr
     assert_bit_identical(final_weights(run_dir), reference)
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from lenslab_workspace.train.checkpoint import step_dirs, verify
 
 from .conftest import (
@@ -126,7 +125,11 @@ def test_sae_lens_loads_the_final_sae_and_a_checkpoint(tmp_path: Path) -> None:
         "print(type(sae).__name__, type(ckpt).__name__, sae.cfg.d_sae)\n"
     )
     newest = sorted((runs / "t" / "checkpoints").glob("step-*"))[-1]
-    out = subprocess.run([__import__("sys").executable, "-c", script, str(runs / "t" / "final"), str(newest)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [__import__("sys").executable, "-c", script, str(runs / "t" / "final"), str(newest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["TopKSAE", "TopKTrainingSAE", "128"]

@@ -6,14 +6,27 @@ import json
 from pathlib import Path
 
 import pytest
-
 from lenslab_workspace.train.status import STATES, StatusFile
 
 from .conftest import read_status, run_train, start_train, wait_for_step, write_run_file
 
 SCHEMA_KEYS = {
-    "schema", "name", "state", "step", "tokens_done", "tokens_total", "tokens_per_second", "eta_seconds",
-    "losses", "last_checkpoint", "resumed_from_step", "message", "pid", "hostname", "started_at", "updated_at",
+    "schema",
+    "name",
+    "state",
+    "step",
+    "tokens_done",
+    "tokens_total",
+    "tokens_per_second",
+    "eta_seconds",
+    "losses",
+    "last_checkpoint",
+    "resumed_from_step",
+    "message",
+    "pid",
+    "hostname",
+    "started_at",
+    "updated_at",
 }
 
 

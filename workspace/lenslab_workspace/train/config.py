@@ -17,13 +17,13 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import tomllib
 import typing
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pydantic
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field
 
 from lenslab_workspace.train.errors import RunConfigError
@@ -104,7 +104,7 @@ class RunSettings:
 
     def comparable(self) -> dict[str, Any]:
         """Everything that defines the run, as plain JSON values (saved as run-config.json)."""
-        return json.loads(
+        plain: dict[str, Any] = json.loads(
             json.dumps(
                 {
                     "name": self.name,
@@ -119,6 +119,7 @@ class RunSettings:
                 default=str,
             )
         )
+        return plain
 
     def config_hash(self) -> str:
         """Hash of the fields that make resuming meaningful (see ``resume_relevant``)."""
@@ -295,7 +296,7 @@ class FieldName:
 @cache
 def _pydantic_model_for(name: str, fields: tuple[tuple[FieldName, Any], ...]) -> type[BaseModel]:
     definitions: dict[str, Any] = {key.name: (hint, ... if key.required else None) for key, hint in fields}
-    return pydantic.create_model(  # type: ignore[no-any-return,call-overload]
+    return pydantic.create_model(
         f"Fields_{name.strip('.')}",
         __config__=ConfigDict(arbitrary_types_allowed=True, strict=False),
         **definitions,
@@ -349,7 +350,9 @@ def _describe(exc: pydantic.ValidationError, prefix: str = "") -> str:
         elif error["type"] == "extra_forbidden":
             message = "is not a known field"
         given = error.get("input")
-        shown = "" if error["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
+        shown = (
+            "" if error["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
+        )
         parts.append(f"field '{field}': {message}{shown}")
     return "; ".join(parts)
 

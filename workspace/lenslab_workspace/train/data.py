@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -152,7 +152,7 @@ def sequences_needed(runner: dict[str, Any], training_context_size: int) -> int:
     tokens += runner.get("n_batches_for_norm_estimate", 1000) * runner.get("train_batch_size_tokens", 4096)
     batch = runner.get("store_batch_size_prompts", 32)
     buffer_batches = runner.get("n_batches_in_buffer", 20)
-    return math.ceil(tokens / max(training_context_size, 1)) + (buffer_batches + 2) * batch
+    return int(math.ceil(tokens / max(training_context_size, 1)) + (buffer_batches + 2) * batch)
 
 
 def materialize_tokens(
@@ -161,7 +161,7 @@ def materialize_tokens(
     """Tokenize once into ``data/tokens-<key>.npy`` (atomically) and memory-map it."""
     target = data_dir / f"tokens-{dataset_key(runner, tokenizer_name, limit)}.npy"
     if target.exists():
-        return np.load(target, mmap_mode="r")
+        return cast(np.ndarray, np.load(target, mmap_mode="r"))
     context_size = runner.get("context_size", 128)
     rows: list[torch.Tensor] = []
     for sequence in iterate_sequences(runner, model, tokenizer):
@@ -180,7 +180,7 @@ def materialize_tokens(
         os.fsync(handle.fileno())
     os.replace(tmp, target)
     fsync_dir(data_dir)
-    return np.load(target, mmap_mode="r")
+    return cast(np.ndarray, np.load(target, mmap_mode="r"))
 
 
 class ActivationStream:
@@ -291,7 +291,8 @@ class ActivationStream:
         if self.exclude_tokens is not None:
             token_ids = batch_tokens[:, self.seqpos_slice].reshape(-1).to(acts.device)
             acts = acts[~torch.isin(token_ids, self.exclude_tokens.to(acts.device))]
-        return acts
+        activations: torch.Tensor = acts
+        return activations
 
     def state_dict(self) -> dict[str, Any]:
         """A copy of the stream's state, detached from the live buffers."""

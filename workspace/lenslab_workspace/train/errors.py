@@ -1,10 +1,10 @@
 """Errors a user of ``lenslab-train`` can cause or meet, each shown as one line.
 
-    LenslabTrainError            base: the CLI prints ``str(exc)`` without a traceback
-    ├── RunConfigError           the run file is malformed or names something impossible
-    ├── ConfigChangedError       resuming would be wrong: resume-relevant fields changed
-    ├── CheckpointError          no usable checkpoint although one was expected, disk full, ...
-    └── DataError                the dataset cannot be read or is too small
+LenslabTrainError            base: the CLI prints ``str(exc)`` without a traceback
+├── RunConfigError           the run file is malformed or names something impossible
+├── ConfigChangedError       resuming would be wrong: resume-relevant fields changed
+├── CheckpointError          no usable checkpoint although one was expected, disk full, ...
+└── DataError                the dataset cannot be read or is too small
 """
 
 from __future__ import annotations

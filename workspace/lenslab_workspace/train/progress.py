@@ -36,8 +36,15 @@ class Progress:
             self._last_log = now
             rate = f"{tokens_per_second:,.0f} tok/s" if tokens_per_second else "-"
             loss_text = " ".join(f"{k}={v:.4g}" for k, v in losses.items())
-            log.info("step %d  %d/%d tokens (%.1f%%)  %s  %s", step, done_tokens, self.total,
-                     100.0 * done_tokens / max(self.total, 1), rate, loss_text)
+            log.info(
+                "step %d  %d/%d tokens (%.1f%%)  %s  %s",
+                step,
+                done_tokens,
+                self.total,
+                100.0 * done_tokens / max(self.total, 1),
+                rate,
+                loss_text,
+            )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -1,13 +1,13 @@
 """The stable layout of one run under the runs root (``--runs-dir``, default ``./runs``).
 
-    runs/<name>/
-      run-config.json          the resolved config of the first launch (resume compares to it)
-      status.json              live status, replaced atomically (schema: status.py)
-      train.log                plain log lines, appended by every launch
-      data/tokens-<hash>.npy   the tokenized dataset, fixed-length rows (O(1) positioning)
-      checkpoints/step-000000123/   committed checkpoints (manifest.json written last)
-      checkpoints/.tmp-*            unfinished writes; never loaded, removed at start
-      final/                   the finished SAE in SAELens's format (SAE.load_from_disk)
+runs/<name>/
+  run-config.json          the resolved config of the first launch (resume compares to it)
+  status.json              live status, replaced atomically (schema: status.py)
+  train.log                plain log lines, appended by every launch
+  data/tokens-<hash>.npy   the tokenized dataset, fixed-length rows (O(1) positioning)
+  checkpoints/step-000000123/   committed checkpoints (manifest.json written last)
+  checkpoints/.tmp-*            unfinished writes; never loaded, removed at start
+  final/                   the finished SAE in SAELens's format (SAE.load_from_disk)
 """
 
 from __future__ import annotations

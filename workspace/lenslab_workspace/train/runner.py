@@ -125,7 +125,9 @@ class TrainingRun:
 
     def execute(self) -> Outcome:
         if (self.run.final / FINISHED_MARKER).exists():
-            return Outcome(EXIT_FINISHED, f"run '{self.settings.name}' already finished; the SAE is in {self.run.final}")
+            return Outcome(
+                EXIT_FINISHED, f"run '{self.settings.name}' already finished; the SAE is in {self.run.final}"
+            )
         check_config_unchanged(self.settings, self.run)
         self.stop.install()
         found = self._find_checkpoint()
@@ -174,7 +176,9 @@ class TrainingRun:
                 )
             restore(self.trainer, self.stream, path, str(cfg.device))
             self.resumed_from = manifest["step"]
-            log.info("resuming from %s (step %d, %d tokens)", path.name, manifest["step"], manifest["n_training_samples"])
+            log.info(
+                "resuming from %s (step %d, %d tokens)", path.name, manifest["step"], manifest["n_training_samples"]
+            )
         else:
             log.info("starting run '%s' from scratch", self.settings.name)
 
@@ -182,8 +186,12 @@ class TrainingRun:
         trainer, res = self.trainer, self.settings.resilience
         total = trainer.cfg.total_training_samples
         status = StatusFile(self.run.status_file, self.settings.name, total)
-        status.update(state="running", step=trainer.n_training_steps, tokens_done=trainer.n_training_samples,
-                      resumed_from_step=self.resumed_from)
+        status.update(
+            state="running",
+            step=trainer.n_training_steps,
+            tokens_done=trainer.n_training_samples,
+            resumed_from_step=self.resumed_from,
+        )
         status.write()
         writer = ckpt.CheckpointWriter(
             self.run.checkpoints, res.keep_last, self.mirror.upload if self.mirror is not None else None
@@ -216,7 +224,9 @@ class TrainingRun:
             if self.stop.requested and trainer.n_training_samples < total:
                 writer.submit(take_snapshot(trainer, self.stream, self.config_hash, versions()))
                 committed = writer.wait()
-                message = f"stopped by {self.stop.signal_name}; checkpoint {committed.path.name if committed else '?'} saved"
+                message = (
+                    f"stopped by {self.stop.signal_name}; checkpoint {committed.path.name if committed else '?'} saved"
+                )
                 self._report(status, writer, None, {}, state="interrupted", message=message)
                 return Outcome(EXIT_INTERRUPTED, message + "; run the same command to continue")
             writer.wait()
@@ -239,17 +249,25 @@ class TrainingRun:
         mode = trainer.sae.cfg.normalize_activations
         if mode == "expected_average_only_in" and trainer.activation_scaler.scaling_factor is None:
             trainer.activation_scaler.estimate_scaling_factor(
-                d_in=trainer.sae.cfg.d_in, data_provider=self.stream,
+                d_in=trainer.sae.cfg.d_in,
+                data_provider=self.stream,
                 n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
             )
         elif mode == "covariance_whitening" and trainer.activation_scaler.whitening is None:
             trainer.activation_scaler.estimate_whitening(
-                d_in=trainer.sae.cfg.d_in, data_provider=self.stream,
+                d_in=trainer.sae.cfg.d_in,
+                data_provider=self.stream,
                 n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
             )
 
-    def _report(self, status: StatusFile, writer: ckpt.CheckpointWriter, rate: float | None,
-                losses: dict[str, float], **extra: Any) -> None:
+    def _report(
+        self,
+        status: StatusFile,
+        writer: ckpt.CheckpointWriter,
+        rate: float | None,
+        losses: dict[str, float],
+        **extra: Any,
+    ) -> None:
         trainer = self.trainer
         total = trainer.cfg.total_training_samples
         last = writer.last_committed
@@ -263,8 +281,12 @@ class TrainingRun:
         if losses:
             fields["losses"] = losses
         if last is not None:
-            fields["last_checkpoint"] = {"step": last.step, "tokens": last.n_training_samples,
-                                         "path": str(last.path), "time": last.created_at}
+            fields["last_checkpoint"] = {
+                "step": last.step,
+                "tokens": last.n_training_samples,
+                "path": str(last.path),
+                "time": last.created_at,
+            }
         status.update(**fields)
         status.write()
 
@@ -279,7 +301,9 @@ class TrainingRun:
             scaler.scaling_factor = None
         if scaler.whitening is not None:
             w = scaler.whitening
-            trainer.sae.fold_activation_whitening(mean=w.mean, whitening_matrix=w.matrix, unwhitening_matrix=w.inverse_matrix)
+            trainer.sae.fold_activation_whitening(
+                mean=w.mean, whitening_matrix=w.matrix, unwhitening_matrix=w.inverse_matrix
+            )
             scaler.whitening = None
         trainer.set_final_sae_metadata()
         tmp = self.run.root / f".final-tmp-{os.getpid()}"
@@ -287,8 +311,9 @@ class TrainingRun:
         trainer.sae.save_inference_model(str(tmp))
         save_file({"sparsity": trainer.log_feature_sparsity}, str(tmp / "sparsity.safetensors"))
         (tmp / "runner_cfg.json").write_text(json.dumps(self.cfg.to_dict(), default=str))
-        (tmp / FINISHED_MARKER).write_text(json.dumps({"step": trainer.n_training_steps,
-                                                        "tokens": trainer.n_training_samples, **versions()}))
+        (tmp / FINISHED_MARKER).write_text(
+            json.dumps({"step": trainer.n_training_steps, "tokens": trainer.n_training_samples, **versions()})
+        )
         for path in tmp.iterdir():
             fsync_file(path)
         if self.run.final.exists():
@@ -300,9 +325,20 @@ class TrainingRun:
 def _set_sae_metadata(sae: Any, cfg: Any) -> None:
     """What LanguageModelSAETrainingRunner records, so tools built on SAELens find it."""
     meta = sae.cfg.metadata
-    for field in ("dataset_path", "hook_name", "model_name", "model_class_name", "hook_head_index", "context_size",
-                  "seqpos_slice", "model_from_pretrained_kwargs", "prepend_bos", "exclude_special_tokens",
-                  "sequence_separator_token", "disable_concat_sequences"):
+    for field in (
+        "dataset_path",
+        "hook_name",
+        "model_name",
+        "model_class_name",
+        "hook_head_index",
+        "context_size",
+        "seqpos_slice",
+        "model_from_pretrained_kwargs",
+        "prepend_bos",
+        "exclude_special_tokens",
+        "sequence_separator_token",
+        "disable_concat_sequences",
+    ):
         setattr(meta, field, getattr(cfg, field))
 
 

@@ -51,7 +51,7 @@ def rng_states() -> dict[str, Any]:
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
@@ -92,9 +92,7 @@ def take_snapshot(trainer: Any, stream: ActivationStream, config_hash: str, vers
             "coefficient_schedulers": {n: s.state_dict() for n, s in trainer.coefficient_schedulers.items()},
         }
     )
-    lenslab_state = detached_copy(
-        {"stream": stream.state_dict(), "rng": rng_states(), "scaler": scaler_state(trainer)}
-    )
+    lenslab_state = detached_copy({"stream": stream.state_dict(), "rng": rng_states(), "scaler": scaler_state(trainer)})
 
     def write_weights(path: Path) -> None:
         from safetensors.torch import save_file
@@ -121,9 +119,8 @@ def take_snapshot(trainer: Any, stream: ActivationStream, config_hash: str, vers
 
 def restore(trainer: Any, stream: ActivationStream, checkpoint: Path, device: str) -> None:
     """Load a verified checkpoint into a freshly built trainer and stream."""
-    from safetensors.torch import load_file
-
     from sae_lens.training.activation_scaler import ActivationWhitening
+    from safetensors.torch import load_file
 
     weights = load_file(str(checkpoint / SAE_WEIGHTS), device=device)
     trainer.sae.process_state_dict_for_loading(weights)
