@@ -131,7 +131,7 @@ def _missing_box(path: Path) -> Config:
 def _describe(exc: ValidationError, path: Path) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(part) for part in err["loc"])
-    field = f"box.{loc}" if loc else "box"
+    field = loc or "box"
     msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"

@@ -41,7 +41,7 @@ def up(args: argparse.Namespace) -> int:
     finally:
         runner.close()
     for warning in summary.get("warnings", []):
-        progress.note(f"[yellow]warning:[/] {warning}")
+        progress.warn(warning)
     if box.host and box.user and box.identity_file:
         sshconfig.add(sshconfig.Entry(box.alias, box.host, box.port, box.user, box.identity_file))
     emit(args, {"box": box.name, "alias": box.alias, "bootstrap": summary}, _ready_text(box, summary))
@@ -100,7 +100,7 @@ def down(args: argparse.Namespace) -> int:
                 runner.close()
     except HostUnreachable as exc:
         reachable = False
-        progress.note(f"[yellow]warning:[/] {exc}; its containers were left as they are")
+        progress.warn(f"{exc}; its containers were left as they are")
     provider.terminate(box)
     removed = sshconfig.remove(box.alias) if box.host else False
     emit(

@@ -57,9 +57,10 @@ class Progress:
     """Steps shown with a rich spinner on stderr; silent when output is JSON or not a terminal."""
 
     def __init__(self, quiet: bool) -> None:
+        # Scripts and pipes get clean output: errors and warnings only, one line each.
         self.quiet = quiet
         self._console: Any = None
-        if not quiet:
+        if not quiet and sys.stderr.isatty():
             from rich.console import Console
 
             self._console = Console(stderr=True, highlight=False)
@@ -74,9 +75,11 @@ class Progress:
             yield
         self._console.print(f"[green]✓[/] {text} [dim]({time.monotonic() - start:.1f}s)[/]")
 
-    def note(self, text: str) -> None:
+    def warn(self, text: str) -> None:
         if self._console is not None:
-            self._console.print(text)
+            self._console.print(f"[yellow]warning:[/] {text}")
+        elif not self.quiet:
+            print(f"lenslab: warning: {text}", file=sys.stderr)
 
 
 def emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:

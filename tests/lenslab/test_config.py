@@ -1,0 +1,82 @@
+"""lenslab.toml: a malformed file is one line naming file and field, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from lenslab_testkit import lenslab
+
+from lenslab import config
+from lenslab.errors import ConfigError
+
+BASE = '[box]\nname = "gpu1"\nprovider = "ssh"\nhost = "203.0.113.7"\nuser = "ubuntu"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (BASE + "port = 70000\n", "{path}: box.port: Input should be less than or equal to 65535"),
+        (BASE + "colour = 1\n", "{path}: box.colour: unknown field"),
+        (BASE + 'gpu = "maybe"\n', "{path}: box.gpu: Input should be 'required', 'optional' or 'none'"),
+        ('[box]\nname = "gpu1"\nprovider = "ssh"\nuser = "u"\n', "{path}: box: provider 'ssh' needs box.host"),
+        ('[box]\nprovider = "local"\n', "{path}: box.name: required field is missing"),
+        (BASE + 'api_key = "sk-123"\n', "{path}: box.api_key: secrets do not belong in lenslab.toml; "
+         "set it in the environment or a chmod 600 file instead"),
+        ("[box\n", "{path}: not valid TOML (Expected ']' at the end of a table declaration (at line 1, column 5))"),
+        ("", "{path}: missing [box] table; run `lenslab init` for a commented example"),
+    ],
+    ids=["port", "unknown", "gpu", "no-host", "no-name", "secret", "toml", "no-box"],
+)
+def test_malformed_config_is_one_line_naming_file_and_field(project: Path, text: str, expected: str) -> None:
+    path = project / "lenslab.toml"
+    path.write_text(text)
+    result = lenslab("status")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == f"lenslab: error: {expected.format(path=path)}\n"
+
+
+def test_no_config_anywhere_says_to_run_init(project: Path) -> None:
+    result = lenslab("up")
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"lenslab: error: no lenslab.toml in {project} or its parents; run `lenslab init` to write one\n",
+    )
+
+
+def test_init_writes_a_starter_that_loads_and_a_0600_key(project: Path, home: Path) -> None:
+    result = lenslab("init", "--name", "gpu1", "--provider", "local")
+    assert result.returncode == 0, result.stderr
+    cfg = config.load(project / "lenslab.toml")
+    assert (cfg.box.name, cfg.box.provider, cfg.box.alias) == ("gpu1", "local", "lenslab-gpu1")
+    key = home / ".ssh" / "lenslab" / "id_ed25519"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert (key.parent / "id_ed25519.pub").read_text().startswith("ssh-ed25519 ")
+    again = lenslab("init")
+    assert again.returncode == 2
+    assert again.stderr == (
+        f"lenslab: error: {project / 'lenslab.toml'} already exists; edit it, or delete it to start over\n"
+    )
+
+
+def test_config_is_found_from_a_subdirectory(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (project / "lenslab.toml").write_text('[box]\nname = "here"\nprovider = "local"\n')
+    sub = project / "a" / "b"
+    sub.mkdir(parents=True)
+    monkeypatch.chdir(sub)
+    assert config.find_config() == project / "lenslab.toml"
+
+
+def test_secret_files_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LENSLAB_TEST_SECRET", raising=False)
+    secret_file = tmp_path / "key"
+    secret_file.write_text("s3cret\n")
+    os.chmod(secret_file, 0o644)
+    with pytest.raises(ConfigError, match=r"readable by others \(mode 644\); run `chmod 600"):
+        config.secret("LENSLAB_TEST_SECRET", secret_file)
+    os.chmod(secret_file, 0o600)
+    assert config.secret("LENSLAB_TEST_SECRET", secret_file) == "s3cret"
+    monkeypatch.setenv("LENSLAB_TEST_SECRET", "from-env")
+    assert config.secret("LENSLAB_TEST_SECRET", secret_file) == "from-env"
