@@ -47,6 +47,7 @@ provider = "{provider}"
 # identity_file = "~/.ssh/id_ed25519"   # default: ~/.ssh/lenslab/id_ed25519 (lenslab init makes it)
 # Persistent root on the box (workspace/, checkpoints/, hf-cache/, runs/ live here).
 # root = "~/lenslab"
+# min_free_gb = 5   # bootstrap stops when the root's disk has less free space
 # required: stop if the box has no NVIDIA GPU.  optional: warn and run on CPU.  none: CPU only.
 gpu = "{gpu}"
 # Container image for the dev and training containers.
@@ -69,6 +70,8 @@ class BoxConfig(BaseModel):
     host_key_fingerprint: str | None = Field(default=None, pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")
     root: str | None = None
     gpu: Literal["required", "optional", "none"] = "optional"
+    # Bootstrap refuses a box with less free disk than this at the persistent root.
+    min_free_gb: int = Field(default=5, ge=0)
     image: str = "lenslab:latest"
 
     @model_validator(mode="after")

@@ -6,7 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from lenslab_testkit import IMAGE, VM, docker, lenslab
+import pytest
+from lenslab_testkit import IMAGE, VM, docker, lenslab, write_config
 
 ROOT = "/home/debian/lenslab"
 
@@ -97,3 +98,18 @@ def test_openssh_client_uses_the_generated_config_with_strict_host_keys(box: VM,
         f"; if the box was rebuilt, forget the old key with: ssh-keygen -R '[127.0.0.1]:{box.port}' -f {known}\n"
     )
     assert "Traceback" not in up.stderr and up.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_up_installs_docker_on_a_box_without_it(vm_factory: type[VM], project: Path) -> None:
+    """A fresh Debian box with no Docker: bootstrap installs docker.io from the Debian archive."""
+    vm = vm_factory(with_docker=False).start()
+    write_config(project, vm)
+    assert vm.exec("command -v docker").returncode != 0
+    first = lenslab("up", "--json", timeout=600)
+    assert first.returncode == 0, first.stderr
+    changed = json.loads(first.stdout)["bootstrap"]["changed"]
+    assert changed[0] == "installed docker.io"
+    assert vm.exec("docker info --format '{{.ServerVersion}}'", user="debian").returncode == 0
+    second = lenslab("up", "--json")
+    assert json.loads(second.stdout)["bootstrap"]["changed"] == []

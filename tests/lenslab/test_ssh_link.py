@@ -42,8 +42,8 @@ def test_put_and_get_round_trip_with_mode(vm: VM, keypair: Path) -> None:
 def test_local_port_forward_reaches_a_server_on_the_box(vm: VM, keypair: Path) -> None:
     port = _free_port()
     server = (
-        "import socket; s = socket.create_server(('127.0.0.1', %d)); c, _ = s.accept(); "
-        "c.sendall(b'hello from the box ' + c.recv(10))" % port
+        f"import socket; s = socket.create_server(('127.0.0.1', {port})); c, _ = s.accept(); "
+        "c.sendall(b'hello from the box ' + c.recv(10))"
     )
     with SSHLink.connect(_target(vm, keypair)) as link:
         threading.Thread(target=link.run, args=(f'python3 -c "{server}"',), daemon=True).start()

@@ -37,7 +37,7 @@ def up(args: argparse.Namespace) -> int:
         runner = provider.connect(box, attempts=args.attempts)
     try:
         with progress.step("bootstrapping (Docker, GPU, persistent root)"):
-            summary = bootstrap(runner, box.root, cfg.box.gpu)
+            summary = bootstrap(runner, box.root, cfg.box.gpu, cfg.box.min_free_gb)
     finally:
         runner.close()
     for warning in summary.get("warnings", []):

@@ -94,11 +94,10 @@ def run_script(runner: Runner, name: str, env: dict[str, str], on_output: Output
 
 
 def bootstrap(
-    runner: Runner, root: str, gpu: str, on_output: OutputSink | None = None
+    runner: Runner, root: str, gpu: str, min_free_gb: int, on_output: OutputSink | None = None
 ) -> dict[str, Any]:
-    summary: dict[str, Any] = run_script(
-        runner, "bootstrap.sh", {"LENSLAB_ROOT": root, "LENSLAB_GPU": gpu}, on_output
-    )
+    env = {"LENSLAB_ROOT": root, "LENSLAB_GPU": gpu, "LENSLAB_MIN_FREE_GB": str(min_free_gb)}
+    summary: dict[str, Any] = run_script(runner, "bootstrap.sh", env, on_output)
     return summary
 
 

@@ -94,6 +94,13 @@ def translate(exc: BaseException, where: Where) -> RemoteError:
 
 
 def _reason(exc: BaseException) -> str:
+    # paramiko's own wording for these is long and names no cause a user can act on.
+    if isinstance(exc, (pe.NoValidConnectionsError, ConnectionRefusedError)):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, (socket.gaierror, socket.herror)):
+        return "unknown host"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
