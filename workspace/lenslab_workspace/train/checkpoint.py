@@ -62,9 +62,10 @@ _crash_counts: dict[str, int] = {}
 class Snapshot:
     """Everything one checkpoint holds, already copied off the live training state.
 
-    ``files`` maps each file name to a function that writes that file at the given path;
-    the functions only touch the copied data, so they can run on a background thread while
-    training continues.
+    ``stage`` finishes copying off the live state (on the writer thread); until it returns,
+    the live tensors it reads must not change, which ``CheckpointWriter.wait_staged`` lets the
+    optimizer enforce. ``files`` maps each file name to a function that writes that file from
+    the copies.
     """
 
     step: int
@@ -72,6 +73,7 @@ class Snapshot:
     config_hash: str
     versions: dict[str, str]
     files: dict[str, Callable[[Path], None]]
+    stage: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ def sha256_file(path: Path) -> str:
 
 def commit(snapshot: Snapshot, checkpoints_dir: Path) -> CommittedCheckpoint:
     """Write ``snapshot`` as ``checkpoints_dir/step-N`` atomically (see module docstring)."""
+    snapshot.stage()  # a no-op when the writer thread staged it already
     final = checkpoints_dir / step_dir_name(snapshot.step)
     tmp = checkpoints_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
@@ -223,14 +226,26 @@ class CheckpointWriter:
         self._after_commit = after_commit
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._staged = threading.Event()
+        self._staged.set()
         self.last_committed: CommittedCheckpoint | None = None
+        self.blocked_seconds = 0.0  # time the training thread spent waiting for staging
 
     def submit(self, snapshot: Snapshot) -> None:
         self.wait()
+        self._staged.clear()
         self._thread = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint-writer")
         self._thread.start()
 
+    def wait_staged(self) -> None:
+        """Block until the current snapshot has copied the live tensors (call before mutating them)."""
+        if not self._staged.is_set():
+            start = time.perf_counter()
+            self._staged.wait()
+            self.blocked_seconds += time.perf_counter() - start
+
     def wait(self) -> CommittedCheckpoint | None:
+        """Block until the write in flight (if any) is committed; re-raise its failure."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -245,6 +260,10 @@ class CheckpointWriter:
 
     def _write(self, snapshot: Snapshot) -> None:
         try:
+            try:
+                snapshot.stage()
+            finally:
+                self._staged.set()
             committed = commit(snapshot, self._dir)
             if self._after_commit is not None:
                 self._after_commit(committed)

@@ -196,6 +196,9 @@ class TrainingRun:
         writer = ckpt.CheckpointWriter(
             self.run.checkpoints, res.keep_last, self.mirror.upload if self.mirror is not None else None
         )
+        # The optimizer step is the one place the large tensors change; it waits for a
+        # snapshot in flight to finish copying them.
+        trainer.optimizer.register_step_pre_hook(lambda *_: writer.wait_staged())
         self._estimate_scaler_if_needed()
         progress = Progress(total, trainer.n_training_samples)
         start_time, start_tokens = time.monotonic(), trainer.n_training_samples

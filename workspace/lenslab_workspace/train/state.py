@@ -9,8 +9,10 @@ What an exact resume needs, and where it lives in a checkpoint directory:
     lenslab_state.pt         activation scaler, RNG states (python, numpy, torch, CUDA),
                              the data position and the mixing buffer's contents
 
-Every tensor is copied off the live state when the snapshot is taken, so the files can be
-written in the background while training goes on.
+A snapshot copies the small state at once and the large tensors (weights, Adam moments) on
+the writer thread while the next step's forward and backward run; the optimizer step waits
+for that copy. The loop is blocked only for the small copy, and the files are written in the
+background while training goes on.
 """
 
 from __future__ import annotations
@@ -34,15 +36,40 @@ TRAINER_STATE = "trainer_state.pt"
 LENSLAB_STATE = "lenslab_state.pt"
 
 
-def detached_copy(value: Any) -> Any:
-    """Deep copy with every tensor cloned to the CPU (optimizer states hold live tensors)."""
+# Tensors at least this large are copied in the background, while the next step's forward and
+# backward run; the optimizer step, the only thing that writes them in place, waits for the
+# copy (see CheckpointWriter.wait_staged). Smaller ones are copied at once: some SAEs adjust
+# small parameters in place outside the optimizer (JumpReLU clamps its threshold in forward).
+STAGE_IN_BACKGROUND_NUMEL = 1 << 16
+
+
+def detached_copy(
+    value: Any, deferred: list[tuple[dict[Any, Any] | list[Any], Any, torch.Tensor]] | None = None
+) -> Any:
+    """Deep copy with tensors cloned to the CPU (optimizer states hold live tensors).
+
+    With ``deferred``, large tensors are not copied yet: their places are recorded as
+    ``(container, key, tensor)`` so ``stage`` can fill them in later.
+    """
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
-        return {k: detached_copy(v) for k, v in value.items()}
+        result: dict[Any, Any] = {}
+        for key, item in value.items():
+            if deferred is not None and isinstance(item, torch.Tensor) and item.numel() >= STAGE_IN_BACKGROUND_NUMEL:
+                result[key] = None
+                deferred.append((result, key, item))
+            else:
+                result[key] = detached_copy(item, deferred)
+        return result
     if isinstance(value, list | tuple):
-        return type(value)(detached_copy(v) for v in value)
+        return type(value)(detached_copy(v, deferred) for v in value)
     return copy.deepcopy(value)
+
+
+def stage(deferred: list[tuple[dict[Any, Any] | list[Any], Any, torch.Tensor]]) -> None:
+    for container, key, tensor in deferred:
+        container[key] = tensor.detach().to("cpu", copy=True)
 
 
 def rng_states() -> dict[str, Any]:
@@ -75,9 +102,10 @@ def scaler_state(trainer: Any) -> dict[str, Any]:
 
 
 def take_snapshot(trainer: Any, stream: ActivationStream, config_hash: str, versions: dict[str, str]) -> Snapshot:
+    """Copy the small state now; leave the large tensors to ``Snapshot.stage`` (background)."""
     sae = trainer.sae
-    weights = detached_copy(dict(sae.state_dict()))
-    sae.process_state_dict_for_saving(weights)
+    deferred: list[tuple[dict[Any, Any] | list[Any], Any, torch.Tensor]] = []
+    weights = detached_copy(dict(sae.state_dict()), deferred)
     sae_cfg = sae.cfg.to_dict()
     trainer_state = detached_copy(
         {
@@ -90,9 +118,30 @@ def take_snapshot(trainer: Any, stream: ActivationStream, config_hash: str, vers
             "n_frac_active_samples": trainer.n_frac_active_samples,
             "started_fine_tuning": trainer.started_fine_tuning,
             "coefficient_schedulers": {n: s.state_dict() for n, s in trainer.coefficient_schedulers.items()},
-        }
+        },
+        deferred,
     )
-    lenslab_state = detached_copy({"stream": stream.state_dict(), "rng": rng_states(), "scaler": scaler_state(trainer)})
+    # The stream's buffers are never written in place (each refill makes new tensors), so
+    # holding references is as good as a copy; moving them off a GPU is left to staging.
+    stream_state = stream.state_dict()
+    lenslab_state = {
+        "stream": {k: v for k, v in stream_state.items() if not isinstance(v, torch.Tensor)},
+        "rng": rng_states(),
+        "scaler": detached_copy(scaler_state(trainer)),
+    }
+    for key, value in stream_state.items():
+        if isinstance(value, torch.Tensor):
+            lenslab_state["stream"][key] = None
+            deferred.append((lenslab_state["stream"], key, value))
+
+    def stage_and_process() -> None:
+        if deferred or not staged:
+            stage(deferred)
+            deferred.clear()
+            sae.process_state_dict_for_saving(weights)
+            staged.append(True)
+
+    staged: list[bool] = []
 
     def write_weights(path: Path) -> None:
         from safetensors.torch import save_file
@@ -114,6 +163,7 @@ def take_snapshot(trainer: Any, stream: ActivationStream, config_hash: str, vers
         config_hash=config_hash,
         versions=versions,
         files=files,
+        stage=stage_and_process,
     )
 
 
