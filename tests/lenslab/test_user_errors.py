@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 from lenslab_testkit import VM, lenslab, write_config
@@ -10,9 +11,9 @@ from lenslab_testkit import VM, lenslab, write_config
 NO_SUDO = "rm -f /etc/sudoers.d/90-cloud-users"
 
 
-def _one_error_line(result: object, code: int, text: str) -> None:
-    assert result.returncode == code, result.stderr  # type: ignore[attr-defined]
-    assert result.stderr == f"lenslab: error: {text}\n"  # type: ignore[attr-defined]
+def _one_error_line(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert result.stderr == f"lenslab: error: {text}\n"
 
 
 def test_host_unreachable(project: Path, keypair: Path) -> None:
