@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from lenslab_testkit import IMAGE, VM, docker, lenslab, write_config
+from lenslab_testkit import IMAGE, LENSLAB, VM, docker, lenslab, write_config
 
 ROOT = "/home/debian/lenslab"
 
@@ -112,3 +113,36 @@ def test_up_installs_docker_on_a_box_without_it(vm_factory: type[VM], project: P
     assert vm.exec("docker info --format '{{.ServerVersion}}'", user="debian").returncode == 0
     second = lenslab("up", "--json")
     assert json.loads(second.stdout)["bootstrap"]["changed"] == []
+
+
+def test_down_on_a_box_that_is_gone_still_removes_its_entry(box: VM, home: Path) -> None:
+    assert lenslab("up").returncode == 0
+    box.stop()
+    down = lenslab("down")
+    assert down.returncode == 0
+    assert down.stderr.startswith(f"lenslab: warning: cannot reach 127.0.0.1:{box.port} (connection refused)")
+    assert down.stderr.endswith("; its containers were left as they are\n")
+    assert not (home / ".ssh" / "config").exists()
+
+
+def test_plain_lenslab_ssh_runs_the_openssh_client_on_the_alias(box: VM) -> None:
+    assert lenslab("up").returncode == 0
+    # No terminal: the remote shell reads its commands from stdin, as `ssh host < script` does.
+    shell = subprocess.run(
+        [LENSLAB, "ssh"], input="echo \"I am $(whoami) on $(hostname)\"\n", capture_output=True,
+        text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.splitlines()[-1].startswith("I am debian on "), shell.stdout  # after the MOTD
+
+
+def test_progress_is_shown_on_a_terminal(box: VM) -> None:
+    # `script` gives lenslab a pseudo-terminal, as a user's shell would.
+    shown = subprocess.run(
+        ["script", "-qec", f"{LENSLAB} up", "/dev/null"], capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stdout
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.stdout)  # drop colours and cursor moves
+    assert f"✓ connecting to debian@127.0.0.1:{box.port}" in plain
+    assert "✓ bootstrapping (Docker, GPU, persistent root)" in plain

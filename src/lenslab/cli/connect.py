@@ -53,7 +53,11 @@ def _interactive(alias: str, remote: bool) -> int:
         from lenslab.errors import LenslabError
 
         raise LenslabError("no OpenSSH client (ssh) on PATH", f"install it, then run `ssh {alias}`")
-    os.execv(client, [client, alias])
+    from lenslab import files
+
+    # -F: OpenSSH finds "~/.ssh/config" through the passwd database, lenslab through $HOME;
+    # naming the file keeps both on the same config (with the user's own settings in it).
+    os.execv(client, [client, "-F", str(files.ssh_dir() / "config"), alias])
     return 0  # pragma: no cover - execv does not return
 
 
