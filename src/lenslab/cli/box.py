@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from lenslab.cli.common import Progress, add_command, emit, load_config
+
+if TYPE_CHECKING:
+    from lenslab.records import OutputSink
 
 # Containers lenslab starts carry this label; `down` stops exactly those.
 BOX_LABEL = "lenslab.box"
@@ -36,8 +40,10 @@ def up(args: argparse.Namespace) -> int:
     with progress.step(f"connecting to {where}"):
         runner = provider.connect(box, attempts=args.attempts)
     try:
-        with progress.step("bootstrapping (Docker, GPU, persistent root)"):
-            summary = bootstrap(runner, box.root, cfg.box.gpu, cfg.box.min_free_gb)
+        with progress.step("bootstrapping (Docker, GPU, persistent root)") as show:
+            summary = bootstrap(
+                runner, box.root, cfg.box.gpu, cfg.box.min_free_gb, on_output=_bootstrap_lines(show)
+            )
     finally:
         runner.close()
     for warning in summary.get("warnings", []):
@@ -46,6 +52,17 @@ def up(args: argparse.Namespace) -> int:
         sshconfig.add(sshconfig.Entry(box.alias, box.host, box.port, box.user, box.identity_file))
     emit(args, {"box": box.name, "alias": box.alias, "bootstrap": summary}, _ready_text(box, summary))
     return 0
+
+
+def _bootstrap_lines(show: Callable[[str], None]) -> OutputSink:
+    """Feeds the script's "bootstrap: ..." progress lines to the spinner as they arrive."""
+
+    def sink(stream: str, text: str) -> None:
+        for line in text.splitlines():
+            if stream == "stdout" and line.startswith("bootstrap: "):
+                show(line.removeprefix("bootstrap: "))
+
+    return sink
 
 
 def _check_identity(identity: Any, config_path: Any) -> None:

@@ -66,13 +66,14 @@ class Progress:
             self._console = Console(stderr=True, highlight=False)
 
     @contextmanager
-    def step(self, text: str) -> Iterator[None]:
+    def step(self, text: str) -> Iterator[Callable[[str], None]]:
+        """A spinner for one step; the yielded function shows what the step is doing now."""
         if self._console is None:
-            yield
+            yield lambda detail: None
             return
         start = time.monotonic()
-        with self._console.status(text):
-            yield
+        with self._console.status(text) as spinner:
+            yield lambda detail: spinner.update(f"{text}: {detail}")
         self._console.print(f"[green]✓[/] {text} [dim]({time.monotonic() - start:.1f}s)[/]")
 
     def warn(self, text: str) -> None:

@@ -10,6 +10,7 @@ import json
 import re
 import shlex
 import subprocess
+import threading
 from importlib import resources
 from typing import Any, Protocol
 
@@ -59,10 +60,32 @@ class LocalRunner:
         on_output: OutputSink | None = None,
         check: bool = False,
     ) -> RunResult:
-        proc = subprocess.run(["bash", "-c", command], input=stdin, capture_output=True, check=False)
-        out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
-        if on_output:
-            on_output("stdout", out)
+        with subprocess.Popen(
+            ["bash", "-c", command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        ) as proc:
+            assert proc.stdin and proc.stdout and proc.stderr
+            stderr = proc.stderr
+            # stderr on a thread, so neither pipe can fill up and stall the other.
+            err_parts: list[str] = []
+            reader = threading.Thread(target=lambda: err_parts.append(stderr.read()))
+            reader.start()
+            if stdin is not None:
+                proc.stdin.write(stdin.decode())
+            proc.stdin.close()
+            out_parts = []
+            for line in proc.stdout:
+                out_parts.append(line)
+                if on_output:
+                    on_output("stdout", line)
+            reader.join()
+            proc.wait()
+        out, err = "".join(out_parts), "".join(err_parts)
+        if on_output and err:
             on_output("stderr", err)
         if check and proc.returncode != 0:
             raise CommandFailed(f"`{command}` exited {proc.returncode}: {err.strip()}", proc.returncode)
