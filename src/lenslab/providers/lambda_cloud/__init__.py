@@ -1,0 +1,1 @@
+"""The Lambda Cloud provider: its API client (``api``)."""
