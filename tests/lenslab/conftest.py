@@ -90,5 +90,3 @@ def _remove_leftover_vms() -> Iterator[None]:
         ids = docker("ps", "-aq", "--filter", f"label={LABEL}", check=False).stdout.split()
         if ids:
             docker("rm", "-f", *ids, check=False)
-
-

@@ -108,6 +108,5 @@ def lenslab(*args: str, env: dict[str, str] | None = None, timeout: float = 180)
     )
 
 
-
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"

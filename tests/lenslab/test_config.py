@@ -22,8 +22,11 @@ BASE = '[box]\nname = "gpu1"\nprovider = "ssh"\nhost = "203.0.113.7"\nuser = "ub
         (BASE + 'gpu = "maybe"\n', "{path}: box.gpu: Input should be 'required', 'optional' or 'none'"),
         ('[box]\nname = "gpu1"\nprovider = "ssh"\nuser = "u"\n', "{path}: box: provider 'ssh' needs box.host"),
         ('[box]\nprovider = "local"\n', "{path}: box.name: required field is missing"),
-        (BASE + 'api_key = "sk-123"\n', "{path}: box.api_key: secrets do not belong in lenslab.toml; "
-         "set it in the environment or a chmod 600 file instead"),
+        (
+            BASE + 'api_key = "sk-123"\n',
+            "{path}: box.api_key: secrets do not belong in lenslab.toml; "
+            "set it in the environment or a chmod 600 file instead",
+        ),
         ("[box\n", "{path}: not valid TOML (Expected ']' at the end of a table declaration (at line 1, column 5))"),
         ("", "{path}: missing [box] table; run `lenslab init` for a commented example"),
     ],

@@ -23,9 +23,7 @@ def _block_heavy_imports(tmp_path: Path) -> dict[str, str]:
 
 def test_the_block_really_blocks(tmp_path: Path) -> None:
     env = _block_heavy_imports(tmp_path)
-    probe = subprocess.run(
-        [sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True, check=False
-    )
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True, check=False)
     assert "torch is blocked in this test" in probe.stderr
 
 

@@ -51,9 +51,10 @@ def test_local_port_forward_reaches_a_server_on_the_box(vm: VM, keypair: Path) -
         while vm.exec(f"ss -ltn | grep -q :{port}").returncode != 0:
             assert time.monotonic() < vm_ready_deadline, "server on the box did not start"
             time.sleep(0.1)
-        with link.forward(0, "127.0.0.1", port) as fwd, socket.create_connection(
-            ("127.0.0.1", fwd.local_port), timeout=10
-        ) as conn:
+        with (
+            link.forward(0, "127.0.0.1", port) as fwd,
+            socket.create_connection(("127.0.0.1", fwd.local_port), timeout=10) as conn,
+        ):
             conn.sendall(b"tunnel")
             assert conn.recv(100) == b"hello from the box tunnel"
 

@@ -62,8 +62,7 @@ def test_no_docker_permission_without_sudo(vm: VM, project: Path) -> None:
     _one_error_line(
         lenslab("up"),
         4,
-        "user debian cannot use Docker and has no sudo; ask the box's admin to run: "
-        "sudo usermod -aG docker debian",
+        "user debian cannot use Docker and has no sudo; ask the box's admin to run: sudo usermod -aG docker debian",
     )
 
 

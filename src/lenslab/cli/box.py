@@ -41,9 +41,7 @@ def up(args: argparse.Namespace) -> int:
         runner = provider.connect(box, attempts=args.attempts)
     try:
         with progress.step("bootstrapping (Docker, GPU, persistent root)") as show:
-            summary = bootstrap(
-                runner, box.root, cfg.box.gpu, cfg.box.min_free_gb, on_output=_bootstrap_lines(show)
-            )
+            summary = bootstrap(runner, box.root, cfg.box.gpu, cfg.box.min_free_gb, on_output=_bootstrap_lines(show))
     finally:
         runner.close()
     for warning in summary.get("warnings", []):
@@ -141,7 +139,5 @@ def _stop_containers(runner: Any, name: str) -> list[str]:
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(commands, "up", up)
-    parser.add_argument(
-        "--attempts", type=int, default=6, help="connection attempts while the box boots (default: 6)"
-    )
+    parser.add_argument("--attempts", type=int, default=6, help="connection attempts while the box boots (default: 6)")
     add_command(commands, "down", down)

@@ -27,8 +27,7 @@ def init(args: argparse.Namespace) -> int:
     emit(
         args,
         {"config": str(path), "key": str(key), "public_key": str(key) + ".pub"},
-        f"wrote {path}\nlenslab's SSH public key: {key}.pub\n"
-        "next: edit [box] in lenslab.toml, then run `lenslab up`",
+        f"wrote {path}\nlenslab's SSH public key: {key}.pub\nnext: edit [box] in lenslab.toml, then run `lenslab up`",
     )
     return 0
 

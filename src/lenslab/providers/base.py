@@ -41,6 +41,4 @@ def provider_for(cfg: BoxConfig) -> Provider:
         from lenslab.providers.ssh import SSHProvider
 
         return SSHProvider()
-    raise ProviderError(
-        f"provider {cfg.provider!r} is not available yet", "use provider = \"ssh\" or \"local\""
-    )
+    raise ProviderError(f"provider {cfg.provider!r} is not available yet", 'use provider = "ssh" or "local"')

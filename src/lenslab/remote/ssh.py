@@ -35,6 +35,7 @@ KEEPALIVE_SECONDS = 30
 _READ_CHUNK = 32768
 _SELECT_SECONDS = 0.2
 
+
 @dataclass(frozen=True)
 class Target:
     host: str
@@ -114,9 +115,7 @@ class SSHLink:
                 status = chan.recv_exit_status()
             finally:
                 chan.close()
-        result = RunResult(
-            status, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
-        )
+        result = RunResult(status, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace"))
         if check and status != 0:
             first = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
             raise CommandFailed(f"`{command}` exited {status} on the box: {first}", status)
@@ -127,7 +126,7 @@ class SSHLink:
         path = shlex.quote(remote_path)
         tmp = shlex.quote(remote_path + ".lenslab-tmp")
         self.run(
-            f"mkdir -p \"$(dirname {path})\" && cat > {tmp} && chmod {mode:o} {tmp} && mv -f {tmp} {path}",
+            f'mkdir -p "$(dirname {path})" && cat > {tmp} && chmod {mode:o} {tmp} && mv -f {tmp} {path}',
             stdin=data,
             check=True,
         )
@@ -165,9 +164,7 @@ def _open_client(target: Target, timeout: float) -> paramiko.SSHClient:
             if target.known_hosts.exists():
                 # Not load_host_keys(): that would make paramiko rewrite the file on its own.
                 client.get_host_keys().load(str(target.known_hosts))
-            client.set_missing_host_key_policy(
-                hostkeys.PinOnFirstUse(target.known_hosts, target.expected_fingerprint)
-            )
+            client.set_missing_host_key_policy(hostkeys.PinOnFirstUse(target.known_hosts, target.expected_fingerprint))
             client.connect(
                 target.host,
                 port=target.port,
