@@ -59,7 +59,7 @@ def test_status_ssh_code_down(box: VM, home: Path) -> None:
     assert code.stdout == f"code --remote ssh-remote+lenslab-t {ROOT}/workspace\n"
 
     # A container lenslab started on the box (labelled with the box name) is stopped by down.
-    started = docker("run", "-d", "--label", "lenslab.box=t", "--label", "lenslab-test",
+    started = docker("run", "-d", "--label", "lenslab.box=t", "--label", "lenslab-test", "--init",
                      "--network", "none", IMAGE, "sleep", "300").stdout.strip()  # fmt: skip
     assert json.loads(lenslab("status", "--json").stdout)["containers"] == 1
     down = lenslab("down", "--json")
