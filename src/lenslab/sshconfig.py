@@ -31,10 +31,14 @@ class Entry:
     port: int
     user: str
     identity_file: Path
+    # The persistent root as the box resolved it (its home can be anywhere); `lenslab code`
+    # opens it. Kept as a comment, which OpenSSH and VSCode ignore.
+    root: str | None = None
 
     def render(self) -> str:
         lines = [
             f"Host {self.alias}",
+            *([f"    # lenslab-root {self.root}"] if self.root else []),
             f"    HostName {self.host}",
             f"    User {self.user}",
             f"    Port {self.port}",
@@ -74,6 +78,13 @@ def _blocks(text: str) -> dict[str, str]:
 def entries() -> dict[str, str]:
     path = files.config_path()
     return _blocks(path.read_text()) if path.exists() else {}
+
+
+def recorded_root(alias: str) -> str | None:
+    for line in entries().get(alias, "").splitlines():
+        if line.strip().startswith("# lenslab-root "):
+            return line.strip().removeprefix("# lenslab-root ")
+    return None
 
 
 def add(entry: Entry) -> None:

@@ -146,3 +146,12 @@ def test_progress_is_shown_on_a_terminal(box: VM) -> None:
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.stdout)  # drop colours and cursor moves
     assert f"✓ connecting to debian@127.0.0.1:{box.port}" in plain
     assert "✓ bootstrapping (Docker, GPU, persistent root)" in plain
+
+
+def test_code_opens_the_root_where_the_box_resolved_it(box: VM) -> None:
+    box.exec("mkdir -p /data/users && usermod -d /data/users/debian -m debian")
+    assert lenslab("code", "--print").stdout == f"code --remote ssh-remote+lenslab-t {ROOT}/workspace\n"
+    assert lenslab("up").returncode == 0
+    # After `up`, the recorded root wins over the /home/<user> guess.
+    expected = "code --remote ssh-remote+lenslab-t /data/users/debian/lenslab/workspace\n"
+    assert lenslab("code", "--print").stdout == expected

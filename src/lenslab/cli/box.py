@@ -47,7 +47,8 @@ def up(args: argparse.Namespace) -> int:
     for warning in summary.get("warnings", []):
         progress.warn(warning)
     if box.host and box.user and box.identity_file:
-        sshconfig.add(sshconfig.Entry(box.alias, box.host, box.port, box.user, box.identity_file))
+        entry = sshconfig.Entry(box.alias, box.host, box.port, box.user, box.identity_file, summary.get("root"))
+        sshconfig.add(entry)
     emit(args, {"box": box.name, "alias": box.alias, "bootstrap": summary}, _ready_text(box, summary))
     return 0
 

@@ -78,10 +78,13 @@ def code(args: argparse.Namespace) -> int:
         workspace = str(Path(root).expanduser() / "workspace")
         command = ["code", workspace]
     else:
-        # VSCode expands nothing in the remote path; "~/x" would be taken literally.
+        from lenslab import sshconfig
+
+        # VSCode expands nothing in the remote path, so "~" must go: `lenslab up` recorded the
+        # root as the box resolved it; before that, assume the usual home directory.
         home = "/root" if box.user == "root" else f"/home/{box.user}"
-        workspace = root.replace("~", home, 1) if root.startswith("~") else root
-        workspace = f"{workspace.rstrip('/')}/workspace"
+        guess = root.replace("~", home, 1) if root.startswith("~") else root
+        workspace = f"{(sshconfig.recorded_root(box.alias) or guess).rstrip('/')}/workspace"
         command = ["code", "--remote", f"ssh-remote+{box.alias}", workspace]
     exe = shutil.which("code")
     if exe is None or args.print:
