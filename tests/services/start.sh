@@ -110,4 +110,6 @@ done
 mkdir -p "$STATE_DIR"
 start_dockerd
 build_image
+# The base the image tests build lenslab's Dockerfile on (tests/image/).
+bash "$(dirname "$0")/base-image.sh"
 log "ready"
