@@ -110,3 +110,24 @@ def test_gpu_required_on_a_box_without_one(vm: VM, project: Path) -> None:
         "no NVIDIA GPU found (nvidia-smi missing or sees none) and box.gpu is 'required'; use a GPU box, "
         'install the NVIDIA driver, or set gpu = "optional" in lenslab.toml',
     )
+
+
+def test_unreadable_and_passphrase_protected_keys(vm: VM, project: Path, tmp_path: Path) -> None:
+    garbage = tmp_path / "not-a-key"
+    garbage.write_text("hello\n")
+    write_config(project, vm, identity_file=str(garbage))
+    _one_error_line(
+        lenslab("up"),
+        3,
+        f"cannot read private key {garbage} (ValueError); point box.identity_file at an OpenSSH private "
+        "key (ed25519, ecdsa or rsa)",
+    )
+    protected = tmp_path / "protected"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "pass", "-f", str(protected)], check=True)
+    write_config(project, vm, identity_file=str(protected))
+    _one_error_line(
+        lenslab("up"),
+        3,
+        f"key {protected} is protected by a passphrase, which lenslab cannot ask for; point "
+        "box.identity_file at a key without one, e.g. lenslab's own (lenslab init)",
+    )

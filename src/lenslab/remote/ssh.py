@@ -157,7 +157,25 @@ class SSHLink:
         return transport
 
 
+def load_key(path: Path) -> paramiko.PKey:
+    """The private key, or a one-line error; paramiko reports unusable keys as ValueError,
+    TypeError or SSHException depending on the format, none of which names the file."""
+    try:
+        return paramiko.PKey.from_path(path)
+    except (OSError, ValueError, TypeError, paramiko.SSHException) as exc:
+        if isinstance(exc, (TypeError, paramiko.PasswordRequiredException)):
+            raise AuthenticationRefused(
+                f"key {path} is protected by a passphrase, which lenslab cannot ask for",
+                "point box.identity_file at a key without one, e.g. lenslab's own (lenslab init)",
+            ) from exc
+        raise AuthenticationRefused(
+            f"cannot read private key {path} ({type(exc).__name__})",
+            "point box.identity_file at an OpenSSH private key (ed25519, ecdsa or rsa)",
+        ) from exc
+
+
 def _open_client(target: Target, timeout: float) -> paramiko.SSHClient:
+    key = load_key(target.identity_file)
     client = paramiko.SSHClient()
     with ssh_errors(target.where):
         try:
@@ -169,7 +187,7 @@ def _open_client(target: Target, timeout: float) -> paramiko.SSHClient:
                 target.host,
                 port=target.port,
                 username=target.user,
-                key_filename=str(target.identity_file),
+                pkey=key,
                 look_for_keys=False,
                 allow_agent=False,
                 timeout=timeout,
