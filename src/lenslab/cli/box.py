@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING, Any
 from lenslab.cli.common import Progress, add_command, emit, load_config
 
 if TYPE_CHECKING:
-    from lenslab.records import OutputSink
+    from pathlib import Path
+
+    from lenslab.records import Box, OutputSink
+    from lenslab.remote.bootstrap import Runner
 
 # Containers lenslab starts carry this label; `down` stops exactly those.
 BOX_LABEL = "lenslab.box"
@@ -64,7 +67,7 @@ def _bootstrap_lines(show: Callable[[str], None]) -> OutputSink:
     return sink
 
 
-def _check_identity(identity: Any, config_path: Any) -> None:
+def _check_identity(identity: Path | None, config_path: Path) -> None:
     from lenslab.errors import ConfigError
 
     if identity is not None and not identity.exists():
@@ -74,7 +77,7 @@ def _check_identity(identity: Any, config_path: Any) -> None:
         )
 
 
-def _ready_text(box: Any, summary: dict[str, Any]) -> str:
+def _ready_text(box: Box, summary: dict[str, Any]) -> str:
     gpus = summary.get("gpus") or []
     gpu_text = ", ".join(g["name"] for g in gpus) if gpus else "no GPU (CPU mode)"
     changed = summary.get("changed") or []
@@ -128,7 +131,7 @@ def down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_containers(runner: Any, name: str) -> list[str]:
+def _stop_containers(runner: Runner, name: str) -> list[str]:
     label = shlex.quote(f"label={BOX_LABEL}={name}")
     result = runner.run(
         f"command -v docker >/dev/null || exit 0; ids=$(docker ps -q --filter {label}); "
