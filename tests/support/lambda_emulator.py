@@ -12,6 +12,7 @@ started for that instance, ``on_terminate(instance)`` stops it. The server binds
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -55,7 +56,7 @@ class LambdaEmulator:
     def __init__(self, fs_root: Path, api_key: str = "secret-test-key-0123456789") -> None:
         self.api_key = api_key
         self.fs_root = fs_root
-        self.types = {t.name: t for t in DEFAULT_TYPES}
+        self.types = {t.name: copy.deepcopy(t) for t in DEFAULT_TYPES}
         self.instances: dict[str, dict[str, Any]] = {}
         self.file_systems: dict[str, dict[str, Any]] = {}
         self.ssh_keys: dict[str, dict[str, Any]] = {}

@@ -7,6 +7,7 @@ terminated before the error is raised, so nothing keeps billing after lenslab ga
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 from lenslab.errors import ProviderError
 from lenslab.providers.lambda_cloud.api import (
     FileSystem,
-    InsufficientCapacity,
     Instance,
     InstanceType,
+    InsufficientCapacity,
     LambdaClient,
     ObjectDoesNotExist,
 )
@@ -95,7 +96,11 @@ def find_instance(client: LambdaClient, name: str) -> Instance | None:
 
 
 def plan_launch(
-    client: LambdaClient, box_name: str, project: str, preferences: list[str], regions: list[str] | None,
+    client: LambdaClient,
+    box_name: str,
+    project: str,
+    preferences: list[str],
+    regions: list[str] | None,
     public_key: str,
 ) -> LaunchPlan:
     file_system_name = f"lenslab-{project}"
@@ -159,7 +164,5 @@ def wait_until_active(
 
 def terminate_quietly(client: LambdaClient, instance_id: str) -> None:
     """Terminate; an instance that is already gone is what we wanted."""
-    try:
+    with contextlib.suppress(ObjectDoesNotExist):
         client.terminate([instance_id])
-    except ObjectDoesNotExist:
-        pass
