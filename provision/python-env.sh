@@ -10,7 +10,12 @@ python=${PYTHON:-python3}
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "python-env: creating $venv"
-  "$python" -m venv "$venv"
+  command -v "$python" >/dev/null || { echo "python-env: error: $python not found; install Python 3.10 or newer" >&2; exit 1; }
+  "$python" -m venv "$venv" || {
+    rm -rf "$venv"
+    echo "python-env: error: '$python -m venv' failed; on Debian/Ubuntu install python3-venv (apt-get install python3-venv)" >&2
+    exit 1
+  }
 fi
 
 # torch first and pinned: an unpinned torch pulled in by sae-lens would fetch a multi-GB CUDA
