@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from lenslab_workspace.train.config import load_run_file
 from lenslab_workspace.train.errors import RunConfigError
 

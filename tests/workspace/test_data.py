@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from lenslab_workspace.train.data import ByteTokenizer, materialize_tokens
 from lenslab_workspace.train.errors import DataError
 

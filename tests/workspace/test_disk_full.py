@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from lenslab_workspace.train.checkpoint import step_dirs, verify
 
 from .conftest import (

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from lenslab_workspace.train.checkpoint import step_dirs, verify
 
 from .conftest import (

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from lenslab_workspace.train.status import STATES, StatusFile
 
 from .conftest import read_status, run_train, start_train, wait_for_step, write_run_file
