@@ -26,6 +26,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 CONFIG_NAME = "lenslab.toml"
 
 # Where the persistent root lives when lenslab.toml does not say; "~" is the box user's home.
+# For lambda the root is the file system's mount, /lambda/nfs/lenslab-<project>, set at launch.
 DEFAULT_ROOTS = {"ssh": "~/lenslab", "local": "~/.local/share/lenslab", "lambda": "~/lenslab"}
 
 # Key names that look like credentials are refused outright: the file is meant to be committed.
@@ -38,7 +39,7 @@ STARTER = """\
 [box]
 # Short name: the ssh alias becomes lenslab-<name> (`ssh lenslab-<name>`, VSCode Remote-SSH).
 name = "{name}"
-# local: this machine.  ssh: any machine you can SSH into.  (lambda: coming later)
+# local: this machine.  ssh: any machine you can SSH into.  lambda: a Lambda Cloud GPU.
 provider = "{provider}"
 # For provider = "ssh": where the box is and who you log in as.
 # host = "203.0.113.7"
@@ -52,6 +53,11 @@ provider = "{provider}"
 gpu = "{gpu}"
 # Container image for the dev and training containers.
 image = "lenslab:latest"
+# For provider = "lambda" (API key: LAMBDA_API_KEY or ~/.config/lenslab/lambda-api-key, chmod 600):
+# gpu_types = ["A100", "H100", "A10"]   # first with capacity wins
+# regions = ["us-east-1", "us-west-1"]  # default: any region
+# project = "{name}"                    # file system lenslab-<project> holds your data
+# budget_usd = 50                       # `lenslab status` warns from 80 %
 """
 
 
@@ -73,6 +79,16 @@ class BoxConfig(BaseModel):
     # Bootstrap refuses a box with less free disk than this at the persistent root.
     min_free_gb: int = Field(default=5, ge=0)
     image: str = "lenslab:latest"
+    # provider = "lambda": GPU types in order of preference ("A100" matches every A100 type; an
+    # exact type name such as "gpu_1x_a100_sxm4" matches itself), the regions allowed (None: any),
+    # the project whose file system lenslab-<project> is the persistent root (default: name),
+    # and how long to wait for a launched instance before terminating it.
+    gpu_types: list[str] = Field(default_factory=lambda: ["A100", "H100", "A10"], min_length=1)
+    regions: list[str] | None = None
+    project: str | None = Field(default=None, pattern=r"^[a-zA-Z][a-zA-Z0-9-]{0,40}$")
+    boot_timeout_minutes: float = Field(default=15, gt=0)
+    # Spend limit for this box in US dollars; `lenslab status` warns from 80 % on.
+    budget_usd: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _ssh_needs_a_target(self) -> BoxConfig:

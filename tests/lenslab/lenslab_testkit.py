@@ -37,12 +37,14 @@ class VM:
     with_docker: bool = True
     port: int = field(default_factory=free_port)
     container: str = ""
+    volumes: list[str] = field(default_factory=list)  # "host:container" bind mounts
 
     def start(self) -> VM:
         args = [
             "run", "-d", "--network", "host", "--label", LABEL,
             "-e", f"SSH_PORT={self.port}", "-e", f"AUTHORIZED_KEY={self.authorized_key}",
             "-v", "/var/run/docker.sock:/var/run/docker.sock",
+            *[arg for volume in self.volumes for arg in ("-v", volume)],
         ]  # fmt: skip
         if self.with_docker:
             # The host's Docker CLI stands in for a box where Docker is already installed.

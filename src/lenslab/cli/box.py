@@ -12,6 +12,7 @@ from lenslab.cli.common import Progress, add_command, emit, load_config
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from lenslab.config import Config
     from lenslab.records import Box, OutputSink
     from lenslab.remote.bootstrap import Runner
 
@@ -35,7 +36,7 @@ def up(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     progress = Progress(quiet=args.json)
-    provider = provider_for(cfg.box)
+    provider = provider_for(cfg.box, assume_yes=args.yes)
     with progress.step(f"finding box {cfg.box.name} ({cfg.box.provider})"):
         box = provider.launch(cfg.box)
     _check_identity(box.identity_file, cfg.path)
@@ -107,7 +108,17 @@ def down(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     progress = Progress(quiet=args.json)
     provider = provider_for(cfg.box)
-    box = provider.launch(cfg.box)
+    # get, not launch: `down` must never create the box it is asked to stand down.
+    box = provider.get(cfg.box)
+    if box is None:
+        removed = sshconfig.remove(cfg.box.alias)
+        purged = _purge(cfg, args) if args.purge else None
+        emit(
+            args,
+            {"box": cfg.box.name, "running": False, "ssh_entry_removed": removed, "purged": purged},
+            f"box {cfg.box.name} is not running; nothing to stop" + (f"; deleted {purged}" if purged else ""),
+        )
+        return 0
     stopped: list[str] = []
     reachable = True
     try:
@@ -122,13 +133,53 @@ def down(args: argparse.Namespace) -> int:
         progress.warn(f"{exc}; its containers were left as they are")
     provider.terminate(box)
     removed = sshconfig.remove(box.alias) if box.host else False
+    purged = _purge(cfg, args) if args.purge else None
+    kept = f"deleted {purged}" if purged else f"data kept in {box.root}"
+    if box.provider == "lambda" and not purged:
+        kept += " (the file system stays, billed by Lambda per GB-month; `lenslab down --purge` deletes it)"
+    terminated = "terminated the instance, " if box.provider == "lambda" else ""
     emit(
         args,
-        {"box": box.name, "reachable": reachable, "stopped": stopped, "ssh_entry_removed": removed},
-        f"box {box.name} is down: stopped {len(stopped)} container(s)"
-        f"{', removed ssh entry ' + box.alias if removed else ''}; data kept in {box.root}",
+        {
+            "box": box.name,
+            "reachable": reachable,
+            "stopped": stopped,
+            "ssh_entry_removed": removed,
+            "terminated": box.provider == "lambda",
+            "purged": purged,
+        },
+        f"box {box.name} is down: {terminated}stopped {len(stopped)} container(s)"
+        f"{', removed ssh entry ' + box.alias if removed else ''}; {kept}",
     )
     return 0
+
+
+def _purge(cfg: Config, args: argparse.Namespace) -> str | None:
+    """Delete the lambda box's file system (all its data) after an explicit yes."""
+    from lenslab.errors import ProviderError
+
+    if cfg.box.provider != "lambda":
+        raise ProviderError(
+            f"--purge deletes a cloud file system; box {cfg.box.name} is {cfg.box.provider}",
+            f"delete the data in {cfg.box.persistent_root} on the box yourself if you mean to",
+        )
+    from lenslab.providers.lambda_cloud.provider import client_from_environment
+
+    client = client_from_environment()
+    name = f"lenslab-{cfg.box.project or cfg.box.name}"
+    fs = next((f for f in client.file_systems() if f.name == name), None)
+    if fs is None:
+        return None
+    if not args.yes and not _ask(f"delete file system {name} in {fs.region} and ALL data on it? [y/N] "):
+        raise ProviderError(f"file system {name} was not deleted", "re-run with --purge --yes to delete it")
+    client.delete_file_system(fs.id)
+    return f"file system {name}"
+
+
+def _ask(question: str) -> bool:
+    import sys
+
+    return sys.stdin.isatty() and input(question).strip().lower() in ("y", "yes")
 
 
 def _stop_containers(runner: Runner, name: str) -> list[str]:
@@ -144,4 +195,7 @@ def _stop_containers(runner: Runner, name: str) -> list[str]:
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(commands, "up", up)
     parser.add_argument("--attempts", type=int, default=6, help="connection attempts while the box boots (default: 6)")
-    add_command(commands, "down", down)
+    parser.add_argument("--yes", action="store_true", help="accept a cloud launch and its price without asking")
+    parser = add_command(commands, "down", down)
+    parser.add_argument("--purge", action="store_true", help="lambda: also delete the file system and its data")
+    parser.add_argument("--yes", action="store_true", help="with --purge: delete without asking")

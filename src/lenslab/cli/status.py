@@ -23,8 +23,16 @@ def status(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     provider = provider_for(cfg.box)
-    box = provider.launch(cfg.box)
-    data: dict[str, Any] = {"box": box.name, "provider": box.provider, "alias": box.alias}
+    # get, not launch: asking about a cloud box must never start one.
+    box = provider.get(cfg.box)
+    if box is None:
+        data: dict[str, Any] = {"box": cfg.box.name, "provider": cfg.box.provider, "running": False}
+        emit(args, data, f"box {cfg.box.name}: not running (`lenslab up` starts it)")
+        return 0
+    data = {"box": box.name, "provider": box.provider, "alias": box.alias}
+    cost = getattr(provider, "cost", None)
+    if cost is not None:
+        data["cost"] = _with_budget(cost(box.name, None), cfg.box.budget_usd)
     try:
         # One try: status answers "is it up?", it does not wait for a booting box.
         runner = provider.connect(box, attempts=1)
@@ -39,6 +47,29 @@ def status(args: argparse.Namespace) -> int:
     data.update(reachable=True, **facts)
     emit(args, data, _text(data))
     return 0
+
+
+BUDGET_WARN_FRACTION = 0.8
+
+
+def _with_budget(cost: dict[str, Any] | None, budget: float | None) -> dict[str, Any] | None:
+    if cost is None or budget is None:
+        return cost
+    used = cost["cost_usd"] / budget
+    warning = None
+    if used >= BUDGET_WARN_FRACTION:
+        warning = f"{used:.0%} of budget_usd ${budget:.2f} spent; `lenslab down` stops the billing"
+    return {**cost, "budget_usd": budget, "budget_used_fraction": round(used, 3), "budget_warning": warning}
+
+
+def _cost_line(cost: dict[str, Any]) -> str:
+    line = (
+        f"cost:   ${cost['price_per_hour_usd']:.2f}/hour ({cost['instance_type']}, {cost['region']}), "
+        f"{cost['billed_hours']:.2f} h so far = ${cost['cost_usd']:.2f}"
+    )
+    if cost.get("budget_warning"):
+        line += f"\n  warning: {cost['budget_warning']}"
+    return line
 
 
 def _text(d: dict[str, Any]) -> str:
@@ -56,6 +87,7 @@ def _text(d: dict[str, Any]) -> str:
             + (f" ({_gib(used)} used)" if used is not None else "" if d["root_exists"] else " (missing)"),
             f"  containers: {d['containers'] if d.get('containers') is not None else 'docker unavailable'}",
         ]
+        + ([f"  {_cost_line(d['cost'])}"] if d.get("cost") else [])
     )
 
 

@@ -31,7 +31,8 @@ class Provider(Protocol):
     def terminate(self, box: Box) -> None: ...
 
 
-def provider_for(cfg: BoxConfig) -> Provider:
+def provider_for(cfg: BoxConfig, *, assume_yes: bool = False) -> Provider:
+    """``assume_yes`` accepts a cloud launch's price without asking (``lenslab up --yes``)."""
     # Imported here so the CLI pays only for the provider it uses (paramiko for ssh).
     if cfg.provider == "local":
         from lenslab.providers.local import LocalProvider
@@ -41,4 +42,8 @@ def provider_for(cfg: BoxConfig) -> Provider:
         from lenslab.providers.ssh import SSHProvider
 
         return SSHProvider()
+    if cfg.provider == "lambda":
+        from lenslab.providers.lambda_cloud.provider import LambdaProvider, prompt_on_terminal
+
+        return LambdaProvider(confirm=(lambda plan: True) if assume_yes else prompt_on_terminal)
     raise ProviderError(f"provider {cfg.provider!r} is not available yet", 'use provider = "ssh" or "local"')

@@ -43,6 +43,20 @@ def record(known_hosts: Path, entry: str, key: paramiko.PKey) -> None:
         files.write_atomic(known_hosts, existing + line, 0o600)
 
 
+def forget(known_hosts: Path, entry: str) -> bool:
+    """Drop the pinned key of ``entry``: for a cloud instance lenslab terminated, whose address
+    a new machine with new keys will get. Returns whether a key was on file."""
+    with files.locked():
+        if not known_hosts.exists():
+            return False
+        lines = known_hosts.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.split(" ", 1)[0] != entry]
+        if len(kept) == len(lines):
+            return False
+        files.write_atomic(known_hosts, "".join(kept), 0o600)
+        return True
+
+
 class PinOnFirstUse(paramiko.MissingHostKeyPolicy):
     """Called by paramiko only when the host has no key on file: verify or record, never skip."""
 

@@ -1,0 +1,161 @@
+"""`lenslab up/status/down --provider lambda` against the Lambda API emulator, whose instances
+are real fresh-VM containers and whose file systems are host directories that outlive them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lenslab_testkit import VM, free_port, lenslab
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.support.lambda_emulator import LambdaEmulator  # noqa: E402
+
+API_KEY = "lambda-secret-key-do-not-print-4242"
+
+
+class Cloud:
+    """The emulator plus the VMs standing in for its instances, all on one fixed SSH port."""
+
+    def __init__(self, emulator: LambdaEmulator, vm_factory: type[VM]) -> None:
+        self.emulator = emulator
+        self.port = free_port()
+        self.vms: dict[str, VM] = {}
+        self.outputs: list[str] = []
+        emulator.on_launch = self._launch
+        emulator.on_terminate = self._terminate
+        self._factory = vm_factory
+
+    def _launch(self, instance: dict[str, Any]) -> str:
+        volumes = []
+        for name in instance["file_system_names"]:
+            directory = self.emulator.fs_root / name
+            directory.chmod(0o777)  # the VM's user owns nothing on the host
+            volumes.append(f"{directory}:/lambda/nfs/{name}")
+        vm = self._factory()
+        vm.port, vm.volumes = self.port, volumes
+        self.vms[instance["id"]] = vm.start()
+        return "127.0.0.1"
+
+    def _terminate(self, instance: dict[str, Any]) -> None:
+        self.vms.pop(instance["id"]).stop()
+
+    def run(self, *args: str) -> Any:
+        result = lenslab(*args, env={"LAMBDA_API_KEY": API_KEY, "LAMBDA_API_URL": self.emulator.url})
+        self.outputs += [result.stdout, result.stderr]
+        return result
+
+    def launches(self) -> int:
+        return sum(1 for method, path, _ in self.emulator.requests if path.endswith("/instance-operations/launch"))
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, vm_factory: type[VM], project: Path) -> Iterator[Cloud]:
+    emulator = LambdaEmulator(tmp_path / "lambda-fs", api_key=API_KEY).start()
+    emulator.launch_interval = 0.0
+    cloud = Cloud(emulator, vm_factory)
+    (project / "lenslab.toml").write_text(
+        '[box]\nname = "gpu"\nprovider = "lambda"\nuser = "debian"\n'
+        f'port = {cloud.port}\nproject = "proj"\ngpu_types = ["H100", "A100"]\nbudget_usd = 0.01\n'
+    )
+    yield cloud
+    emulator.stop()
+    for vm in cloud.vms.values():
+        vm.stop()
+    # The key must not leak into anything lenslab printed.
+    assert not [text for text in cloud.outputs if API_KEY in text]
+
+
+@pytest.mark.slow
+def test_up_status_down_up_keeps_the_file_system(cloud: Cloud) -> None:
+    up = cloud.run("up", "--yes")
+    assert up.returncode == 0, up.stderr
+    assert "box gpu is ready" in up.stdout
+    assert cloud.launches() == 1
+    (vm,) = cloud.vms.values()
+    vm.exec("echo checkpoint > /lambda/nfs/lenslab-proj/runs/marker", user="debian")
+
+    again = cloud.run("up", "--yes")
+    assert again.returncode == 0, again.stderr
+    assert "changed: nothing" in again.stdout
+    assert cloud.launches() == 1  # the running instance was reused
+
+    status = cloud.run("status", "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["reachable"] and data["root"] == "/lambda/nfs/lenslab-proj"
+    assert data["cost"]["price_per_hour_usd"] == 1.29 and data["cost"]["instance_type"] == "gpu_1x_a100_sxm4"
+    assert data["cost"]["budget_usd"] == 0.01
+
+    down = cloud.run("down")
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.strip().startswith("box gpu is down: terminated the instance, stopped 0 container(s)")
+    assert "the file system stays, billed by Lambda per GB-month" in down.stdout
+    assert cloud.vms == {} and cloud.emulator.instances == {}
+    assert [fs["name"] for fs in cloud.emulator.file_systems.values()] == ["lenslab-proj"]
+
+    # A new instance (new host keys on the same address) with the same file system.
+    back = cloud.run("up", "--yes")
+    assert back.returncode == 0, back.stderr
+    assert cloud.launches() == 2
+    (vm,) = cloud.vms.values()
+    assert vm.exec("cat /lambda/nfs/lenslab-proj/runs/marker", user="debian").stdout.strip() == "checkpoint"
+
+    assert cloud.run("down").returncode == 0
+    gone = cloud.run("down")
+    assert gone.returncode == 0
+    assert gone.stdout.strip() == "box gpu is not running; nothing to stop"
+    purge = cloud.run("down", "--purge", "--yes")
+    assert purge.returncode == 0, purge.stderr
+    assert purge.stdout.strip() == "box gpu is not running; nothing to stop; deleted file system lenslab-proj"
+    assert cloud.emulator.file_systems == {}
+
+
+def test_launch_needs_consent(cloud: Cloud) -> None:
+    refused = cloud.run("up")
+    assert refused.returncode == 5
+    assert refused.stderr.strip() == (
+        "lenslab: error: not launched: lenslab would launch gpu_1x_a100_sxm4 (1x A100 (40 GB SXM4)) in "
+        "us-east-1 at $1.29/hour; and create file system lenslab-proj there, register your lenslab SSH key "
+        "as lenslab-gpu; re-run with --yes to accept"
+    )
+    assert cloud.launches() == 0 and cloud.emulator.file_systems == {}
+
+
+def test_status_of_a_box_not_running_launches_nothing(cloud: Cloud) -> None:
+    status = cloud.run("status")
+    assert status.returncode == 0
+    assert status.stdout.strip() == "box gpu: not running (`lenslab up` starts it)"
+    assert cloud.launches() == 0
+
+
+def test_invalid_key_is_one_line(cloud: Cloud) -> None:
+    result = lenslab("status", env={"LAMBDA_API_KEY": "wrong-key-123", "LAMBDA_API_URL": cloud.emulator.url})
+    assert result.returncode == 5
+    assert result.stderr.strip() == (
+        "lenslab: error: Lambda Cloud: API key was invalid, expired, or deleted (global/invalid-api-key); "
+        "set LAMBDA_API_KEY (or the key file) to a valid key from https://cloud.lambda.ai/api-keys"
+    )
+
+
+def test_missing_key_is_one_line(cloud: Cloud) -> None:
+    result = lenslab("status", env={"LAMBDA_API_KEY": "", "LAMBDA_API_URL": cloud.emulator.url})
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("lenslab: error: no Lambda Cloud API key: set LAMBDA_API_KEY, or write")
+
+
+def test_budget_warning_from_80_percent() -> None:
+    from lenslab.cli.status import _cost_line, _with_budget
+
+    cost = {"price_per_hour_usd": 2.0, "billed_hours": 4.1, "cost_usd": 8.2, "instance_type": "t", "region": "r"}
+    assert _with_budget(cost, 20.0)["budget_warning"] is None
+    warned = _with_budget(cost, 10.0)
+    assert warned["budget_used_fraction"] == 0.82
+    assert _cost_line(warned).splitlines() == [
+        "cost:   $2.00/hour (t, r), 4.10 h so far = $8.20",
+        "  warning: 82% of budget_usd $10.00 spent; `lenslab down` stops the billing",
+    ]
