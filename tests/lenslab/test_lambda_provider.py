@@ -13,7 +13,7 @@ import pytest
 from lenslab_testkit import VM, free_port, lenslab
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.support.lambda_emulator import LambdaEmulator  # noqa: E402
+from tests.support.lambda_emulator import LambdaEmulator
 
 API_KEY = "lambda-secret-key-do-not-print-4242"
 
