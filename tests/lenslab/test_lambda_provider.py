@@ -159,3 +159,12 @@ def test_budget_warning_from_80_percent() -> None:
         "cost:   $2.00/hour (t, r), 4.10 h so far = $8.20",
         "  warning: 82% of budget_usd $10.00 spent; `lenslab down` stops the billing",
     ]
+
+
+def test_init_writes_a_lambda_box(project: Path) -> None:
+    result = lenslab("init", "--name", "a100", "--provider", "lambda")
+    assert result.returncode == 0, result.stderr
+    from lenslab.config import load
+
+    box = load(project / "lenslab.toml").box
+    assert (box.provider, box.gpu_types, box.regions) == ("lambda", ["A100", "H100", "A10"], None)

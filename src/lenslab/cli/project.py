@@ -35,5 +35,5 @@ def init(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(commands, "init", init)
     parser.add_argument("--name", default="gpu", help="box name; ssh alias lenslab-<name> (default: gpu)")
-    parser.add_argument("--provider", choices=["ssh", "local"], default="ssh")
+    parser.add_argument("--provider", choices=["ssh", "local", "lambda"], default="ssh")
     parser.add_argument("--gpu", choices=["required", "optional", "none"], default="optional")
