@@ -53,7 +53,11 @@ def up(args: argparse.Namespace) -> int:
     if box.host and box.user and box.identity_file:
         entry = sshconfig.Entry(box.alias, box.host, box.port, box.user, box.identity_file, summary.get("root"))
         sshconfig.add(entry)
-    emit(args, {"box": box.name, "alias": box.alias, "bootstrap": summary}, _ready_text(box, summary))
+    emit(
+        args,
+        {"box": box.name, "alias": box.alias, "bootstrap": summary, "timings": progress.timings},
+        _ready_text(box, summary),
+    )
     return 0
 
 

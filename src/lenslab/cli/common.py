@@ -59,6 +59,7 @@ class Progress:
     def __init__(self, quiet: bool) -> None:
         # Scripts and pipes get clean output: errors and warnings only, one line each.
         self.quiet = quiet
+        self.timings: dict[str, float] = {}  # seconds per step, for --json and benchmarks
         self._console: Any = None
         if not quiet and sys.stderr.isatty():
             from rich.console import Console
@@ -68,13 +69,16 @@ class Progress:
     @contextmanager
     def step(self, text: str) -> Iterator[Callable[[str], None]]:
         """A spinner for one step; the yielded function shows what the step is doing now."""
-        if self._console is None:
-            yield lambda detail: None
-            return
         start = time.monotonic()
-        with self._console.status(text) as spinner:
-            yield lambda detail: spinner.update(f"{text}: {detail}")
-        self._console.print(f"[green]✓[/] {text} [dim]({time.monotonic() - start:.1f}s)[/]")
+        try:
+            if self._console is None:
+                yield lambda detail: None
+                return
+            with self._console.status(text) as spinner:
+                yield lambda detail: spinner.update(f"{text}: {detail}")
+            self._console.print(f"[green]✓[/] {text} [dim]({time.monotonic() - start:.1f}s)[/]")
+        finally:
+            self.timings[text] = round(time.monotonic() - start, 3)
 
     def warn(self, text: str) -> None:
         if self._console is not None:
