@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""lenslab autostop: stop a box that nobody uses, so a forgotten box does not burn money.
+
+Runs on the box as root (standard library only). The box counts as idle only when all hold:
+- no established connection to sshd (counted from /proc/net/tcp*, not from terminals:
+  VSCode's Remote-SSH sessions have no TTY);
+- no running lenslab training container (label ``lenslab.train``);
+- every GPU's utilisation is under the threshold;
+- no Jupyter kernel is busy.
+After ``idle_minutes`` of that, it stops lenslab's training containers gracefully (SIGTERM: they
+write a checkpoint) and then takes the configured action: ``lambda-terminate`` (terminate this
+instance through the Lambda Cloud API with the root-only key file), ``poweroff``, or ``none``.
+
+State, for ``lenslab status`` (time left before autostop): the JSON file ``state_file``.
+
+    autostop.py --config /etc/lenslab/autostop.json [--once]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+CHECK_EVERY_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 120  # enough for a final checkpoint of a large SAE
+TCP_ESTABLISHED = "01"
+TRAIN_LABEL = "lenslab.train"
+
+
+def ssh_connections(ports: list[int]) -> int:
+    """Established TCP connections whose local port is one of sshd's."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if fields[3] == TCP_ESTABLISHED and local_port in ports:
+                count += 1
+    return count
+
+
+def training_containers(label: str = TRAIN_LABEL) -> list[str]:
+    """Running containers carrying ``label`` (a key, or key=value)."""
+    if shutil.which("docker") is None:
+        return []
+    out = subprocess.run(
+        ["docker", "ps", "-q", "--filter", f"label={label}"], capture_output=True, text=True, check=False
+    )
+    return out.stdout.split()
+
+
+def gpu_utilisation() -> list[int]:
+    if shutil.which("nvidia-smi") is None:
+        return []
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return [int(v) for v in out.stdout.split() if v.strip().isdigit()]
+
+
+def busy_kernels(url: str | None, token: str | None) -> int:
+    if not url:
+        return 0
+    request = urllib.request.Request(f"{url.rstrip('/')}/api/kernels")
+    if token:
+        request.add_header("Authorization", f"token {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            kernels = json.load(response)
+    except (OSError, ValueError):
+        return 0  # no Jupyter running: nothing busy
+    return sum(1 for kernel in kernels if kernel.get("execution_state") == "busy")
+
+
+def busy_reasons(cfg: dict[str, Any]) -> list[str]:
+    reasons = []
+    if (n := ssh_connections(cfg.get("ssh_ports", [22]))) > 0:
+        reasons.append(f"{n} SSH connection(s)")
+    if containers := training_containers(cfg.get("train_label", TRAIN_LABEL)):
+        reasons.append(f"{len(containers)} training container(s) running")
+    threshold = cfg.get("gpu_util_threshold", 5)
+    if any(u >= threshold for u in gpu_utilisation()):
+        reasons.append(f"GPU utilisation at or above {threshold}%")
+    token = _read(cfg.get("jupyter_token_file"))
+    if (n := busy_kernels(cfg.get("jupyter_url"), token)) > 0:
+        reasons.append(f"{n} Jupyter kernel(s) busy")
+    return reasons
+
+
+def stop_training(label: str) -> list[str]:
+    containers = training_containers(label)
+    if containers:
+        subprocess.run(["docker", "stop", "--time", str(STOP_TIMEOUT_SECONDS), *containers], check=False)
+    return containers
+
+
+def act(cfg: dict[str, Any]) -> str:
+    stopped = stop_training(cfg.get("train_label", TRAIN_LABEL))
+    action = cfg.get("action", "none")
+    if action == "lambda-terminate":
+        key = _read(cfg["lambda_key_file"])
+        body = json.dumps({"instance_ids": [cfg["lambda_instance_id"]]}).encode()
+        request = urllib.request.Request(
+            f"{cfg['lambda_api_url'].rstrip('/')}/instance-operations/terminate", data=body, method="POST",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+    elif action == "poweroff":
+        subprocess.run(["shutdown", "-h", "now"], check=False)
+    return f"stopped {len(stopped)} training container(s); action {action}"
+
+
+def check(cfg: dict[str, Any], state: dict[str, Any], now: float) -> dict[str, Any]:
+    """One look at the box; returns the new state (and acts when the idle time is up)."""
+    reasons = busy_reasons(cfg)
+    idle_seconds = cfg.get("idle_minutes", 30) * 60
+    if reasons:
+        return {"idle_since": None, "stop_at": None, "busy": reasons, "checked_at": now, "acted": None}
+    idle_since = state.get("idle_since") or now
+    new = {"idle_since": idle_since, "stop_at": idle_since + idle_seconds, "busy": [], "checked_at": now,
+           "acted": state.get("acted")}  # fmt: skip
+    if now >= new["stop_at"] and not state.get("acted"):
+        new["acted"] = act(cfg)
+    return new
+
+
+def write_state(path: str, state: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(state, handle)
+    os.replace(tmp, path)
+
+
+def _read(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path) as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Stop this box when nobody uses it.")
+    parser.add_argument("--config", default="/etc/lenslab/autostop.json")
+    parser.add_argument("--once", action="store_true", help="look once, print the state, exit")
+    args = parser.parse_args()
+    with open(args.config) as handle:
+        cfg = json.load(handle)
+    state_file = cfg.get("state_file", "/var/lib/lenslab/autostop.json")
+    os.makedirs(os.path.dirname(state_file), exist_ok=True)
+    state: dict[str, Any] = json.loads(_read(state_file) or "{}")
+    while True:
+        state = check(cfg, state, time.time())
+        write_state(state_file, state)
+        if args.once or state.get("acted"):
+            print(json.dumps(state))
+            return 0
+        time.sleep(cfg.get("check_every_seconds", CHECK_EVERY_SECONDS))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
