@@ -4,12 +4,13 @@
 Runs on the box as root (standard library only). The box counts as idle only when all hold:
 - no established connection to sshd (counted from /proc/net/tcp*, not from terminals:
   VSCode's Remote-SSH sessions have no TTY);
-- no running lenslab training container (label ``lenslab.train``);
+- no running lenslab training container (label ``lenslab.role=train``);
 - every GPU's utilisation is under the threshold;
 - no Jupyter kernel is busy.
 After ``idle_minutes`` of that, it stops lenslab's training containers gracefully (SIGTERM: they
 write a checkpoint) and then takes the configured action: ``lambda-terminate`` (terminate this
 instance through the Lambda Cloud API with the root-only key file), ``poweroff``, or ``none``.
+With ``budget_usd`` set, reaching it does the same at once, busy or not.
 
 State, for ``lenslab status`` (time left before autostop): the JSON file ``state_file``.
 
@@ -31,7 +32,9 @@ from typing import Any
 CHECK_EVERY_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 120  # enough for a final checkpoint of a large SAE
 TCP_ESTABLISHED = "01"
-TRAIN_LABEL = "lenslab.train"
+# Labels lenslab puts on its training and dev containers (lenslab.remote.lab).
+TRAIN_LABEL = "lenslab.role=train"
+DEV_LABEL = "lenslab.role=dev"
 
 
 def ssh_connections(ports: list[int]) -> int:
@@ -51,8 +54,8 @@ def ssh_connections(ports: list[int]) -> int:
     return count
 
 
-def training_containers(label: str = TRAIN_LABEL) -> list[str]:
-    """Running containers carrying ``label`` (a key, or key=value)."""
+def containers_with(label: str) -> list[str]:
+    """Running containers carrying ``label`` (key=value)."""
     if shutil.which("docker") is None:
         return []
     out = subprocess.run(
@@ -69,6 +72,19 @@ def gpu_utilisation() -> list[int]:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     return [int(v) for v in out.stdout.split() if v.strip().isdigit()]
+
+
+def dev_container_token(label: str) -> str | None:
+    """The dev container's Jupyter token: it is started with JUPYTER_TOKEN in its environment."""
+    for container in containers_with(label):
+        out = subprocess.run(
+            ["docker", "inspect", "--format", "{{range .Config.Env}}{{println .}}{{end}}", container],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        for line in out.stdout.splitlines():
+            if line.startswith("JUPYTER_TOKEN="):
+                return line.split("=", 1)[1]
+    return None
 
 
 def busy_kernels(url: str | None, token: str | None) -> int:
@@ -89,19 +105,19 @@ def busy_reasons(cfg: dict[str, Any]) -> list[str]:
     reasons = []
     if (n := ssh_connections(cfg.get("ssh_ports", [22]))) > 0:
         reasons.append(f"{n} SSH connection(s)")
-    if containers := training_containers(cfg.get("train_label", TRAIN_LABEL)):
+    if containers := containers_with(cfg.get("train_label", TRAIN_LABEL)):
         reasons.append(f"{len(containers)} training container(s) running")
     threshold = cfg.get("gpu_util_threshold", 5)
     if any(u >= threshold for u in gpu_utilisation()):
         reasons.append(f"GPU utilisation at or above {threshold}%")
-    token = _read(cfg.get("jupyter_token_file"))
+    token = _read(cfg.get("jupyter_token_file")) or dev_container_token(cfg.get("dev_label", DEV_LABEL))
     if (n := busy_kernels(cfg.get("jupyter_url"), token)) > 0:
         reasons.append(f"{n} Jupyter kernel(s) busy")
     return reasons
 
 
 def stop_training(label: str) -> list[str]:
-    containers = training_containers(label)
+    containers = containers_with(label)
     if containers:
         subprocess.run(["docker", "stop", "--time", str(STOP_TIMEOUT_SECONDS), *containers], check=False)
     return containers
@@ -124,8 +140,21 @@ def act(cfg: dict[str, Any]) -> str:
     return f"stopped {len(stopped)} training container(s); action {action}"
 
 
+def over_budget(cfg: dict[str, Any], now: float) -> str | None:
+    """Spent at least ``budget_usd`` since launch, at the instance's hourly price."""
+    budget = cfg.get("budget_usd")
+    if not budget or "launched_at" not in cfg:
+        return None
+    spent = cfg["price_cents_per_hour"] / 100 * (now - cfg["launched_at"]) / 3600
+    return f"budget_usd ${budget:.2f} reached (${spent:.2f} spent)" if spent >= budget else None
+
+
 def check(cfg: dict[str, Any], state: dict[str, Any], now: float) -> dict[str, Any]:
     """One look at the box; returns the new state (and acts when the idle time is up)."""
+    budget = over_budget(cfg, now)
+    if budget and not state.get("acted"):
+        # Training is checkpointed by act() before the box stops, busy or not.
+        return {**state, "checked_at": now, "stop_at": now, "busy": [], "acted": f"{budget}: {act(cfg)}"}
     reasons = busy_reasons(cfg)
     idle_seconds = cfg.get("idle_minutes", 30) * 60
     if reasons:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,55 @@ def test_init_writes_a_lambda_box(project: Path) -> None:
 
     box = load(project / "lenslab.toml").box
     assert (box.provider, box.gpu_types, box.regions) == ("lambda", ["A100", "H100", "A10"], None)
+
+
+@pytest.mark.slow
+def test_idle_box_terminates_itself(cloud: Cloud, project: Path) -> None:
+    config = project / "lenslab.toml"
+    config.write_text(config.read_text() + "idle_minutes = 0.05\n")
+    up = cloud.run("up", "--yes", "--json")
+    assert up.returncode == 0, up.stderr
+    assert json.loads(up.stdout)["bootstrap"]["autostop"] == {"autostop": "detached", "changed": True}
+    (vm,) = cloud.vms.values()
+    # Only root can read the key the box uses to terminate itself.
+    assert vm.exec("cat /etc/lenslab/lambda-api-key", user="debian").returncode != 0
+    assert vm.exec("stat -c %a /etc/lenslab/lambda-api-key").stdout.strip() == "600"
+    deadline = time.monotonic() + 60
+    while cloud.emulator.instances and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cloud.emulator.instances == {}, "the idle box did not terminate itself"
+    assert [fs["name"] for fs in cloud.emulator.file_systems.values()] == ["lenslab-proj"]
+
+
+def test_laptop_autostop_keeps_the_key_off_the_box(cloud: Cloud, project: Path) -> None:
+    config = project / "lenslab.toml"
+    config.write_text(config.read_text() + 'autostop = "laptop"\n')
+    up = cloud.run("up", "--yes", "--json")
+    assert up.returncode == 0, up.stderr
+    (vm,) = cloud.vms.values()
+    assert vm.exec("test -e /etc/lenslab/lambda-api-key").returncode == 1
+    settings = json.loads(vm.exec("cat /etc/lenslab/autostop.json").stdout)
+    assert settings["action"] == "none" and API_KEY not in json.dumps(settings)
+    again = cloud.run("up", "--yes", "--json")
+    assert json.loads(again.stdout)["bootstrap"]["autostop"]["changed"] is False
+
+
+@pytest.mark.slow
+def test_laptop_autostop_terminates_from_status(cloud: Cloud, project: Path) -> None:
+    config = project / "lenslab.toml"
+    config.write_text(config.read_text() + 'autostop = "laptop"\nidle_minutes = 0.05\n')
+    assert cloud.run("up", "--yes").returncode == 0
+    (vm,) = cloud.vms.values()
+    deadline = time.monotonic() + 60
+    state: dict[str, Any] = {}
+    while not state.get("acted") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        state = json.loads(vm.exec("cat /var/lib/lenslab/autostop.json").stdout or "{}")
+    assert state["acted"] == "stopped 0 training container(s); action none"
+    assert cloud.emulator.instances, "without the key the box must not have terminated itself"
+    status = cloud.run("status", "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["terminated"] is True
+    assert data["autostop_text"].endswith("; lenslab terminated the idle instance")
+    assert cloud.emulator.instances == {}

@@ -19,6 +19,7 @@ def status(args: argparse.Namespace) -> int:
     """
     from lenslab.errors import RemoteError
     from lenslab.providers.base import provider_for
+    from lenslab.remote import autostop
     from lenslab.remote.bootstrap import status as box_status
 
     cfg = load_config(args)
@@ -38,13 +39,19 @@ def status(args: argparse.Namespace) -> int:
         runner = provider.connect(box, attempts=1)
         try:
             facts = box_status(runner, box.root, box.name)
+            watcher = autostop.read_state(runner)
         finally:
             runner.close()
     except RemoteError as exc:
         data.update(reachable=False, error=str(exc))
         emit(args, data, f"box {box.name}: unreachable: {exc}")
         return exc.exit_code
-    data.update(reachable=True, **facts)
+    data.update(reachable=True, **facts, autostop=watcher, autostop_text=autostop.describe(watcher))
+    if box.provider == "lambda" and cfg.box.autostop == "laptop" and watcher and watcher.get("acted"):
+        # The box found itself idle but holds no key to stop itself: the laptop does it.
+        provider.terminate(box)
+        data["terminated"] = True
+        data["autostop_text"] += "; lenslab terminated the idle instance"
     emit(args, data, _text(data))
     return 0
 
@@ -88,6 +95,7 @@ def _text(d: dict[str, Any]) -> str:
             f"  containers: {d['containers'] if d.get('containers') is not None else 'docker unavailable'}",
         ]
         + ([f"  {_cost_line(d['cost'])}"] if d.get("cost") else [])
+        + [f"  autostop: {d['autostop_text']}"]
     )
 
 

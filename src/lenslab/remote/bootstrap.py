@@ -99,10 +99,15 @@ def script(name: str) -> bytes:
     return (resources.files("lenslab") / "provision" / name).read_bytes()
 
 
-def run_script(runner: Runner, name: str, env: dict[str, str], on_output: OutputSink | None = None) -> Any:
-    """Run provision/<name> with ``env``; returns its JSON summary or raises its error."""
+def run_script(
+    runner: Runner, name: str, env: dict[str, str], on_output: OutputSink | None = None, *, sudo: bool = False
+) -> Any:
+    """Run provision/<name> with ``env`` (as root with ``sudo``); returns its JSON summary or raises."""
     assignments = " ".join(f"{key}={shlex.quote(value)}" for key, value in env.items())
-    result = runner.run(f"env {assignments} bash -s", stdin=script(name), on_output=on_output)
+    command = f"env {assignments} bash -s"
+    if sudo:
+        command = f'if [ "$(id -u)" = 0 ]; then {command}; else sudo -n {command}; fi'
+    result = runner.run(command, stdin=script(name), on_output=on_output)
     if result.exit_status != 0:
         match = _ERROR_LINE.search(result.stderr)
         if match:

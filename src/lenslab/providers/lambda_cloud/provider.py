@@ -138,6 +138,17 @@ class LambdaProvider:
             forget(files.known_hosts_path(), host_entry(box.host, box.port))
         record_file(box.name).unlink(missing_ok=True)
 
+    def autostop_inputs(self, cfg: BoxConfig) -> tuple[dict[str, Any] | None, str, str | None]:
+        """What the box's watcher needs: the launch record, the API's URL, and the key (only
+        when the box is to terminate itself)."""
+        record = _read_record(cfg.name)
+        if record is None:
+            instance = find_instance(self.client, cfg.alias)
+            if instance is not None:  # launched elsewhere: no launch time, so no budget on the box
+                record = {"instance_id": instance.id, "price_cents_per_hour": instance.price_cents_per_hour}
+        key = config.secret(API_KEY_ENV, api_key_file()) if cfg.autostop == "box" else None
+        return record, os.environ.get(API_URL_ENV, API_BASE), key
+
     def cost(self, box_name: str, uptime_s: int | None) -> dict[str, Any] | None:
         """Price, uptime and cost so far of the instance lenslab launched for this box."""
         record = _read_record(box_name)
