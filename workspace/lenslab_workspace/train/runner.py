@@ -65,6 +65,15 @@ def check_config_unchanged(settings: RunSettings, run: RunDir) -> None:
     if not run.config_file.exists():
         return
     saved = json.loads(run.config_file.read_text())
+    before, now = saved.get("runner", {}).get("device", "cpu"), settings.runner_fields.get("device", "cpu")
+    if before != now:
+        log.warning(
+            "run '%s' started on %s and resumes on %s: it continues correctly, but the result will "
+            "not be bit-identical to an uninterrupted run on one device",
+            settings.name,
+            before,
+            now,
+        )
     differing = changed_fields(saved, settings.comparable())
     if differing:
         raise ConfigChangedError(
