@@ -10,10 +10,10 @@
 #                the CUDA build) or "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
 #   USER_UID / USER_GID   match the box user that owns the persistent root (default 1000).
 #
-# Optional files in the build context (both git-ignored):
-#   extra-ca.crt  PEM certificate(s) to trust, for networks that inspect TLS through a proxy
-#                 (apt, pip and the Hugging Face client in the image then trust it).
-#   wheels/       local wheels preferred over the index (e.g. a torch wheel already downloaded).
+# Optional files in devcontainer/extras/ (git-ignored, see the README there):
+#   *.crt   PEM certificates to trust, for networks that inspect TLS through a proxy
+#           (apt, pip and the Hugging Face client in the image then trust them).
+#   *.whl   local wheels preferred over the index (e.g. a torch wheel already downloaded).
 #
 # It also builds with the legacy builder (no BuildKit), so it uses no RUN --mount.
 
@@ -39,15 +39,17 @@ ENV DEBIAN_FRONTEND=noninteractive \
     REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt \
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 
-# The glob makes extra-ca.crt optional (COPY fails only when no source matches at all); the
-# anchor is .dockerignore, not the Dockerfile, so editing the Dockerfile keeps this layer cached.
-COPY .dockerignore extra-ca.cr[t] /tmp/lenslab-ca/
+# The README is the anchor that makes the globs optional (COPY fails only when nothing at all
+# matches). Not the Dockerfile or .dockerignore: editing the first, or building through a tool
+# that rewrites the second (the devcontainer CLI does), would rebuild every layer below.
+COPY devcontainer/extras/README.md devcontainer/extras/*.crt /tmp/lenslab-ca/
 
 # An extra CA has to be trusted before the first apt-get: a base image's apt sources may be
 # HTTPS (the CUDA images' are) and the proxy intercepts them too.
 RUN set -eux; \
-    extra=/tmp/lenslab-ca/extra-ca.crt; \
-    if [ -f "$extra" ]; then \
+    extra=/tmp/lenslab-ca/all.pem; \
+    cat /tmp/lenslab-ca/*.crt > "$extra" 2>/dev/null || true; \
+    if [ -s "$extra" ]; then \
       if command -v update-ca-certificates >/dev/null; then \
         install -m 0644 "$extra" /usr/local/share/ca-certificates/lenslab-extra-ca.crt; \
         update-ca-certificates; \
@@ -57,7 +59,7 @@ RUN set -eux; \
     fi; \
     apt-get update; \
     apt-get install -y --no-install-recommends ca-certificates python3 python3-venv git curl procps; \
-    if [ -f "$extra" ]; then \
+    if [ -s "$extra" ]; then \
       install -m 0644 "$extra" /usr/local/share/ca-certificates/lenslab-extra-ca.crt; \
       update-ca-certificates; \
       rm -f /etc/apt/apt.conf.d/99lenslab-extra-ca; \
@@ -79,7 +81,7 @@ USER ${USERNAME}
 
 # torch first, in its own layer: it is the biggest download and changes least often.
 ARG TORCH_SPEC=torch==2.13.0
-COPY .dockerignore wheel[s] /tmp/lenslab-wheels/
+COPY devcontainer/extras/README.md devcontainer/extras/*.whl /tmp/lenslab-wheels/
 RUN set -eux; \
     python3 -m venv /opt/lenslab/venv; \
     pip install --find-links /tmp/lenslab-wheels $TORCH_SPEC; \

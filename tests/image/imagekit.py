@@ -2,7 +2,7 @@
 
 No registry is reachable from CI, so the base image is a debootstrapped Debian bookworm
 (tests/services/base-image.sh) and torch is the CPU wheel pip already resolves here, handed to
-the build through the context's optional ``wheels/`` folder. A built image is tagged with a hash
+the build through the context's optional ``devcontainer/extras/`` folder. A built image is tagged with a hash
 of everything that went into it and reused by later runs while that hash stays the same.
 """
 
@@ -99,12 +99,18 @@ def make_context(dest: Path, wheel: Path) -> Path:
             dst.mkdir(exist_ok=True)
         else:
             shutil.copy2(src, dst)
-    (dest / "wheels").mkdir()
+    extras = dest / "devcontainer" / "extras"
     try:
-        os.link(wheel, dest / "wheels" / wheel.name)
+        os.link(wheel, extras / wheel.name)
     except OSError:  # another filesystem: copy the ~200 MB instead
-        shutil.copy2(wheel, dest / "wheels" / wheel.name)
-    shutil.copyfile(host_ca_bundle(), dest / "extra-ca.crt")
+        shutil.copy2(wheel, extras / wheel.name)
+    shutil.copyfile(host_ca_bundle(), extras / "host-ca.crt")
+    return dest
+
+
+def clone_context(context: Path, dest: Path) -> Path:
+    """A copy of a build context made of hard links: cheap, and the same bytes to the builder."""
+    shutil.copytree(context, dest, symlinks=True, copy_function=os.link)
     return dest
 
 

@@ -66,14 +66,17 @@ def test_devcontainer_up_and_exec(devcontainer_cli, client, image, context, buil
     config["build"]["args"] = buildargs
     config["build"]["options"] = ["--network=host"]
     config["runArgs"] = ["--network=host"]
-    (context / ".devcontainer").mkdir(exist_ok=True)
-    (context / ".devcontainer" / "devcontainer.json").write_text(json.dumps(config, indent=2))
+    workspace = imagekit.clone_context(context, tmp_path / "lenslab")
+    (workspace / ".devcontainer").mkdir()
+    (workspace / ".devcontainer" / "devcontainer.json").write_text(json.dumps(config, indent=2))
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home)}
     run_id = uuid.uuid4().hex[:12]
-    ws = ["--workspace-folder", str(context), "--id-label", f"lenslab.test.devcontainer={run_id}"]
+    ws = ["--workspace-folder", str(workspace), "--id-label", f"lenslab.test.devcontainer={run_id}"]
 
+    # The CLI tags images of its own (vsc-<folder>-<hash>); the ones new after this test go again.
+    vsc_before = {tag for img in client.images.list() for tag in img.tags if tag.startswith("vsc-")}
     container_id = ""
     try:
         up = cli(devcontainer_cli, "up", *ws, env=env, timeout=900)
@@ -96,15 +99,15 @@ def test_devcontainer_up_and_exec(devcontainer_cli, client, image, context, buil
         uid, module = proc.stdout.strip().splitlines()[-1].split()
         assert uid == "1000"
         # The workspace's source shadows the installed copy, so edits in VSCode take effect at once.
-        assert module.startswith(f"/workspaces/{context.name}/workspace/"), module
+        assert module.startswith("/workspaces/lenslab/workspace/"), module
         # The persistent root on the host is /lab in the container.
         assert (home / "lenslab" / "workspace" / "from-container").read_text() == "ok"
     finally:
         for container in client.containers.list(all=True, filters={"label": f"lenslab.test.devcontainer={run_id}"}):
-            image_id = container.image.id
             container.remove(force=True)
-            # The CLI tags its own image per workspace folder; drop that tag, the layers stay shared.
-            for tag in client.images.get(image_id).tags:
-                if tag.startswith("vsc-"):
+        # Only the tags go: the layers are shared with the image the other tests use.
+        for img in client.images.list():
+            for tag in img.tags:
+                if tag.startswith("vsc-") and tag not in vsc_before:
                     client.images.remove(tag)
     assert container_id

@@ -4,8 +4,6 @@ then run for real: the tiny training run, the CLI, the HEALTHCHECK, the layer ca
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -58,6 +56,18 @@ def test_image_runs_as_the_lab_user_on_the_persistent_root(client, containers, i
     assert logs.split() == ["lab", str(LAB_UID), "/lab", "/lab/hf-cache", "/lab"]
 
 
+def test_extra_ca_from_the_build_context_is_trusted(client, containers, image, lab_root):
+    # The build reached the package index through this machine's TLS setup only because of it;
+    # at run time too (pip, Hugging Face downloads) the image's system bundle must include it.
+    host_certs = imagekit.host_ca_bundle().read_text().strip().split("-----END CERTIFICATE-----")
+    last_cert = host_certs[-2].strip()
+    command = ["cat", "/etc/ssl/certs/ca-certificates.crt"]
+    code, logs = run(client, containers, image.tag, command, lab_root)
+
+    assert code == 0, logs[-2000:]
+    assert last_cert in logs
+
+
 def test_lenslab_cli_answers_in_the_image(client, containers, image, lab_root):
     code, logs = run(client, containers, image.tag, ["lenslab", "--help"], lab_root)
 
@@ -92,8 +102,7 @@ def test_healthcheck_passes_and_fails_on_a_read_only_root(client, containers, im
 
 
 def test_python_only_edit_reuses_the_torch_layer(client, image, context, buildargs, tmp_path, capsys):
-    edited = tmp_path / "edited"
-    shutil.copytree(context, edited, symlinks=True, copy_function=os.link)
+    edited = imagekit.clone_context(context, tmp_path / "edited")
     init = edited / "src" / "lenslab" / "__init__.py"
     text = init.read_text()
     init.unlink()  # a hard link: writing in place would change the cached context too
