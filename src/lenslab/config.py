@@ -51,8 +51,12 @@ provider = "{provider}"
 # min_free_gb = 5   # bootstrap stops when the root's disk has less free space
 # required: stop if the box has no NVIDIA GPU.  optional: warn and run on CPU.  none: CPU only.
 gpu = "{gpu}"
-# Container image for the dev and training containers.
+# Container image for the dev and training containers, built on the box from build_context
+# (default: this file's directory when it has a Dockerfile) and rebuilt only when that changes.
 image = "lenslab:latest"
+# build_context = "path/to/lenslab"      # the directory with lenslab's Dockerfile
+# build_args = {{ BASE_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04" }}
+# jupyter_port = 8888                   # on the box's 127.0.0.1; `lenslab jupyter` tunnels to it
 # For provider = "lambda" (API key: LAMBDA_API_KEY or ~/.config/lenslab/lambda-api-key, chmod 600):
 # gpu_types = ["A100", "H100", "A10"]   # first with capacity wins
 # regions = ["us-east-1", "us-west-1"]  # default: any region
@@ -79,6 +83,12 @@ class BoxConfig(BaseModel):
     # Bootstrap refuses a box with less free disk than this at the persistent root.
     min_free_gb: int = Field(default=5, ge=0)
     image: str = "lenslab:latest"
+    # Directory with the Dockerfile the image is built from (relative to lenslab.toml); by
+    # default lenslab.toml's own directory when it holds a Dockerfile.
+    build_context: str | None = None
+    build_args: dict[str, str] = Field(default_factory=dict)
+    # Jupyter's port on the box's loopback interface (the dev container uses the host network).
+    jupyter_port: int = Field(default=8888, ge=1, le=65535)
     # provider = "lambda": GPU types in order of preference ("A100" matches every A100 type; an
     # exact type name such as "gpu_1x_a100_sxm4" matches itself), the regions allowed (None: any),
     # the project whose file system lenslab-<project> is the persistent root (default: name),
@@ -87,8 +97,16 @@ class BoxConfig(BaseModel):
     regions: list[str] | None = None
     project: str | None = Field(default=None, pattern=r"^[a-zA-Z][a-zA-Z0-9-]{0,40}$")
     boot_timeout_minutes: float = Field(default=15, gt=0)
-    # Spend limit for this box in US dollars; `lenslab status` warns from 80 % on.
+    # Spend limit for this box in US dollars; `lenslab status` warns from 80 % on, and the
+    # box's autostop watcher checkpoints training and terminates the instance at 100 %.
     budget_usd: float | None = Field(default=None, gt=0)
+    # Autostop (lambda boxes): "box" lets the box terminate itself after idle_minutes idle (the
+    # API key is stored on the box, readable by root only); "laptop" keeps the key off the box
+    # and the next `lenslab status` or `lenslab up` terminates an idle box; "off" never stops it.
+    autostop: Literal["box", "laptop", "off"] = "box"
+    idle_minutes: float = Field(default=30, gt=0)
+    # ssh boxes: power the machine off when idle (off by default: it may not be yours alone).
+    autostop_poweroff: bool = False
 
     @model_validator(mode="after")
     def _ssh_needs_a_target(self) -> BoxConfig:

@@ -11,9 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lenslab.cli import box, connect, project, status
+from lenslab.cli import box, connect, project, status, train
 
-_COMMAND_GROUPS = (project, box, status, connect)
+_COMMAND_GROUPS = (project, box, status, connect, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ def up(args: argparse.Namespace) -> int:
       lenslab up --json | jq .bootstrap.changed
     """
     from lenslab import sshconfig
+    from lenslab.cli.labctx import bring_up
     from lenslab.providers.base import provider_for
     from lenslab.remote.bootstrap import bootstrap
 
@@ -46,8 +47,21 @@ def up(args: argparse.Namespace) -> int:
     try:
         with progress.step("bootstrapping (Docker, GPU, persistent root)") as show:
             summary = bootstrap(runner, box.root, cfg.box.gpu, cfg.box.min_free_gb, on_output=_bootstrap_lines(show))
+        if not args.no_containers:
+            if any("to group" in change for change in summary.get("changed", [])):
+                # A new group membership reaches only sessions opened after it was added.
+                runner.close()
+                runner = provider.connect(box, attempts=args.attempts)
+            with progress.step("image and dev container") as show:
+                summary["lab"] = bring_up(cfg, runner, summary.get("root") or box.root, show)
+        with progress.step("autostop watcher"):
+            autostop = _install_autostop(provider, cfg, box, runner)
+        if autostop is not None:
+            summary["autostop"] = autostop
     finally:
         runner.close()
+    if "skipped" in summary.get("lab", {}):
+        progress.warn(summary["lab"]["skipped"])
     for warning in summary.get("warnings", []):
         progress.warn(warning)
     if box.host and box.user and box.identity_file:
@@ -59,6 +73,16 @@ def up(args: argparse.Namespace) -> int:
         _ready_text(box, summary),
     )
     return 0
+
+
+def _install_autostop(provider: Any, cfg: Config, box: Box, runner: Runner) -> dict[str, Any] | None:
+    """Install or update the box's idle watcher (see lenslab.remote.autostop for which boxes)."""
+    from lenslab.remote import autostop
+
+    inputs = getattr(provider, "autostop_inputs", None)
+    launch, api_url, api_key = inputs(cfg.box) if inputs else (None, None, None)
+    settings = autostop.watcher_config(cfg.box, box, launch, api_url)
+    return None if settings is None else autostop.install(runner, settings, api_key)
 
 
 def _bootstrap_lines(show: Callable[[str], None]) -> OutputSink:
@@ -199,6 +223,7 @@ def _stop_containers(runner: Runner, name: str) -> list[str]:
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(commands, "up", up)
     parser.add_argument("--attempts", type=int, default=6, help="connection attempts while the box boots (default: 6)")
+    parser.add_argument("--no-containers", action="store_true", help="bootstrap only: no image, no dev container")
     parser.add_argument("--yes", action="store_true", help="accept a cloud launch and its price without asking")
     parser = add_command(commands, "down", down)
     parser.add_argument("--purge", action="store_true", help="lambda: also delete the file system and its data")

@@ -1,0 +1,205 @@
+"""``lenslab train``, ``runs``, ``logs``, ``stop``, ``pull``, ``jupyter``: the lab on the box."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lenslab.cli.common import add_command, emit, load_config
+
+
+def train(args: argparse.Namespace) -> int:
+    """Start a training run on the box, detached: it survives a closed laptop or a dropped link.
+
+    The run file is validated here first; a bad one uploads nothing. The run restarts itself
+    after a crash and resumes from its newest checkpoint; the same name on a new box with the
+    same persistent root continues it.
+
+    Example:
+      lenslab train workspace/configs/tiny.toml
+      lenslab train run.toml --name sweep-1 && lenslab logs sweep-1 -f
+    """
+    from lenslab import runfile
+    from lenslab.cli.labctx import open_lab
+    from lenslab.remote import training
+
+    run = runfile.load(Path(args.run_file), args.name)
+    cfg = load_config(args)
+    with open_lab(cfg) as session:
+        container = training.start(session.client, session.runner, session.lab, run)
+    emit(
+        args,
+        {"run": run.name, "container": container.name, "box": cfg.box.name},
+        f"run {run.name} started on box {cfg.box.name} ({container.name})\n"
+        f"follow: lenslab logs {run.name} -f    status: lenslab runs    stop: lenslab stop {run.name}",
+    )
+    return 0
+
+
+def runs(args: argparse.Namespace) -> int:
+    """List the runs on the box: state, progress, tokens/s, ETA, last checkpoint age.
+
+    Example:
+      lenslab runs
+      lenslab runs --json | jq '.[].state'
+    """
+    from lenslab.cli.labctx import open_lab
+    from lenslab.remote import training
+
+    with open_lab(load_config(args)) as session:
+        found = training.statuses(session.runner, session.lab)
+    now = time.time()
+    rows = [_row(status, now) for status in found]
+    header = ("RUN", "STATE", "PROGRESS", "TOK/S", "ETA", "CHECKPOINT")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    text = "\n".join(
+        "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
+    )
+    emit(args, {"runs": found}, text if rows else "no runs on the box yet; start one with `lenslab train RUN.toml`")
+    return 0
+
+
+def _row(status: dict[str, Any], now: float) -> tuple[str, ...]:
+    state = str(status.get("state"))
+    container = status.get("container")
+    # status.json says "running" forever when its box died; the container knows better.
+    if state in ("running", "starting") and container not in ("running", "restarting", "created"):
+        state = "lost" if container is None else f"stopped ({container})"
+    done, total = status.get("tokens_done") or 0, status.get("tokens_total") or 0
+    progress = f"{100 * done / total:.0f}% of {total:,}" if total else "-"
+    rate = status.get("tokens_per_second")
+    eta = status.get("eta_seconds")
+    ckpt = status.get("last_checkpoint")
+    ckpt_text = f"step {ckpt['step']}, {_age(now - ckpt['time'])} ago" if ckpt else "-"
+    return (str(status.get("name")), state, progress, f"{rate:,.0f}" if rate else "-",
+            _age(eta) if eta is not None and state == "running" else "-", ckpt_text)  # fmt: skip
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def logs(args: argparse.Namespace) -> int:
+    """Print a run's log; with -f keep following it, reconnecting by itself after a dropped link.
+
+    Example:
+      lenslab logs tiny -f
+    """
+    from lenslab.cli.labctx import open_lab
+    from lenslab.remote.follow import Follower
+
+    cfg = load_config(args)
+
+    def warn(text: str) -> None:
+        print(f"lenslab: {text}", file=sys.stderr, flush=True)
+
+    return Follower(lambda: open_lab(cfg, attempts=1), args.run, on_reconnect=warn).run(args.follow)
+
+
+def stop(args: argparse.Namespace) -> int:
+    """Stop a run gracefully: it writes a checkpoint first; `lenslab train` continues it later.
+
+    Example:
+      lenslab stop tiny
+    """
+    from lenslab.cli.labctx import open_lab
+    from lenslab.errors import LenslabError
+    from lenslab.remote import training
+
+    with open_lab(load_config(args)) as session:
+        code = training.stop(session.client, args.run)
+    if code is None:
+        raise LenslabError(f"run {args.run} is not running", "see the runs with `lenslab runs`")
+    saved = code == training.EXIT_INTERRUPTED
+    emit(args, {"run": args.run, "exit_code": code, "checkpoint_saved": saved},
+         f"run {args.run} stopped" + (" with a checkpoint; `lenslab train` with the same name continues it"
+                                      if saved else f" (exit {code})"))  # fmt: skip
+    return 0
+
+
+def pull(args: argparse.Namespace) -> int:
+    """Copy a run's final SAE (or its newest checkpoint) here and verify it.
+
+    Files land in ./runs/<name>/final (or ./runs/<name>/checkpoints/step-N); checkpoints are
+    checked against their manifest's sha256s. Load the SAE with SAE.load_from_disk(path).
+
+    Example:
+      lenslab pull tiny
+    """
+    from lenslab.cli.labctx import open_lab
+    from lenslab.remote.pull import pull as pull_run
+    from lenslab.remote.training import Paths
+
+    dest = Path(args.dest) if args.dest else Path("runs") / args.run
+    with open_lab(load_config(args)) as session:
+        local, what = pull_run(session.runner, Paths(session.lab.root, args.run).run_dir, dest)
+    emit(args, {"run": args.run, "path": str(local), "source": what}, f"pulled {what} of run {args.run} to {local}")
+    return 0
+
+
+def jupyter(args: argparse.Namespace) -> int:
+    """Tunnel to JupyterLab in the dev container and print its URL (with the token).
+
+    Jupyter listens only on the box's 127.0.0.1; this forwards a local port over the SSH link
+    until Ctrl-C. --open also opens the URL in a browser.
+
+    Example:
+      lenslab jupyter --open
+    """
+    from lenslab.cli.labctx import open_lab
+    from lenslab.errors import LenslabError
+    from lenslab.remote import lab as labs
+
+    with open_lab(load_config(args)) as session:
+        container = labs.find(session.client, session.lab.dev_name())
+        if container is None or container.status != "running":
+            raise LenslabError(f"the dev container {session.lab.dev_name()} is not running", "run `lenslab up`")
+        port, token = labs.jupyter_access(container)
+        forward = getattr(session.runner, "forward", None)
+        if forward is None:  # the local provider: Jupyter is already on this machine's loopback
+            return _serve_url(args, port, token, None)
+        with forward(args.port, "127.0.0.1", port) as tunnel:
+            return _serve_url(args, tunnel.local_port, token, tunnel)
+
+
+def _serve_url(args: argparse.Namespace, port: int, token: str, tunnel: Any) -> int:
+    url = f"http://127.0.0.1:{port}/lab?token={token}"
+    print(url, flush=True)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(url)
+    if tunnel is None:
+        return 0
+    print("lenslab: tunnel open; Ctrl-C to close it", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(commands, "train", train)
+    parser.add_argument("run_file", metavar="RUN.toml", help="the run file (lenslab-train's format)")
+    parser.add_argument("--name", help="run name (default: the file's `name`)")
+    add_command(commands, "runs", runs)
+    parser = add_command(commands, "logs", logs, json_flag=False)
+    parser.add_argument("run", metavar="NAME")
+    parser.add_argument("-f", "--follow", action="store_true", help="keep following; reconnects by itself")
+    parser = add_command(commands, "stop", stop)
+    parser.add_argument("run", metavar="NAME")
+    parser = add_command(commands, "pull", pull)
+    parser.add_argument("run", metavar="NAME")
+    parser.add_argument("--dest", help="local directory (default: ./runs/NAME)")
+    parser = add_command(commands, "jupyter", jupyter, json_flag=False)
+    parser.add_argument("--port", type=int, default=0, help="local port (default: any free one)")
+    parser.add_argument("--open", action="store_true", help="open the URL in a browser")
