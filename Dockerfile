@@ -85,7 +85,8 @@ COPY devcontainer/extras/README.md devcontainer/extras/*.whl /tmp/lenslab-wheels
 RUN set -eux; \
     python3 -m venv /opt/lenslab/venv; \
     pip install --find-links /tmp/lenslab-wheels $TORCH_SPEC; \
-    pip freeze | grep -iE '^torch==' > /opt/lenslab/constraints.txt; \
+    python -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' \
+      > /opt/lenslab/constraints.txt; \
     cat /opt/lenslab/constraints.txt
 
 # Then the dependencies named in both pyproject files, read before any source is copied, so an
