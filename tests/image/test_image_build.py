@@ -4,7 +4,11 @@ then run for real: the tiny training run, the CLI, the HEALTHCHECK, the layer ca
 from __future__ import annotations
 
 import contextlib
+import json
+import secrets
+import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import docker
@@ -73,6 +77,36 @@ def test_lenslab_cli_answers_in_the_image(client, containers, image, lab_root):
 
     assert code == 0, logs
     assert "usage: lenslab" in logs
+
+
+def test_default_command_serves_jupyterlab_on_loopback(client, containers, image, lab_root):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = secrets.token_hex(16)
+    default = client.images.get(image.tag).attrs["Config"]["Cmd"]
+    # Loopback only: Jupyter is reached through VSCode's forwarding or an SSH tunnel.
+    assert "--ip=127.0.0.1" in default
+    # The image's own command; only the port (8888 may be taken here) and the token are this test's.
+    command = [*(arg for arg in default if not arg.startswith("--port=")), f"--port={port}",
+               f"--IdentityProvider.token={token}"]
+    container = client.containers.run(image.tag, command, detach=True, network_mode="host",
+                                      volumes={str(lab_root): {"bind": "/lab", "mode": "rw"}},
+                                      labels={"lenslab.test": "image"})
+    containers.append(container.id)
+
+    status, body = 0, b""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and status != 200:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=5) as resp:
+                status, body = resp.status, resp.read()
+        except OSError:
+            container.reload()
+            assert container.status == "running", container.logs().decode(errors="replace")[-2000:]
+            time.sleep(1)
+    assert status == 200, container.logs().decode(errors="replace")[-2000:]
+    assert "started" in json.loads(body)
 
 
 def test_healthcheck_passes_and_fails_on_a_read_only_root(client, containers, image, lab_root):
