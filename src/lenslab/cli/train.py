@@ -101,7 +101,7 @@ def logs(args: argparse.Namespace) -> int:
     def warn(text: str) -> None:
         print(f"lenslab: {text}", file=sys.stderr, flush=True)
 
-    return Follower(lambda: open_lab(cfg, attempts=1), args.run, on_reconnect=warn).run(args.follow)
+    return Follower(lambda: open_lab(cfg, attempts=1), args.run_name, on_reconnect=warn).run(args.follow)
 
 
 def stop(args: argparse.Namespace) -> int:
@@ -115,12 +115,12 @@ def stop(args: argparse.Namespace) -> int:
     from lenslab.remote import training
 
     with open_lab(load_config(args)) as session:
-        code = training.stop(session.client, args.run)
+        code = training.stop(session.client, args.run_name)
     if code is None:
-        raise LenslabError(f"run {args.run} is not running", "see the runs with `lenslab runs`")
+        raise LenslabError(f"run {args.run_name} is not running", "see the runs with `lenslab runs`")
     saved = code == training.EXIT_INTERRUPTED
-    emit(args, {"run": args.run, "exit_code": code, "checkpoint_saved": saved},
-         f"run {args.run} stopped" + (" with a checkpoint; `lenslab train` with the same name continues it"
+    emit(args, {"run": args.run_name, "exit_code": code, "checkpoint_saved": saved},
+         f"run {args.run_name} stopped" + (" with a checkpoint; `lenslab train` with the same name continues it"
                                       if saved else f" (exit {code})"))  # fmt: skip
     return 0
 
@@ -138,10 +138,14 @@ def pull(args: argparse.Namespace) -> int:
     from lenslab.remote.pull import pull as pull_run
     from lenslab.remote.training import Paths
 
-    dest = Path(args.dest) if args.dest else Path("runs") / args.run
+    dest = Path(args.dest) if args.dest else Path("runs") / args.run_name
     with open_lab(load_config(args)) as session:
-        local, what = pull_run(session.runner, Paths(session.lab.root, args.run).run_dir, dest)
-    emit(args, {"run": args.run, "path": str(local), "source": what}, f"pulled {what} of run {args.run} to {local}")
+        local, what = pull_run(session.runner, Paths(session.lab.root, args.run_name).run_dir, dest)
+    emit(
+        args,
+        {"run": args.run_name, "path": str(local), "source": what},
+        f"pulled {what} of run {args.run_name} to {local}",
+    )
     return 0
 
 
@@ -193,12 +197,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--name", help="run name (default: the file's `name`)")
     add_command(commands, "runs", runs)
     parser = add_command(commands, "logs", logs, json_flag=False)
-    parser.add_argument("run", metavar="NAME")
+    parser.add_argument("run_name", metavar="NAME")
     parser.add_argument("-f", "--follow", action="store_true", help="keep following; reconnects by itself")
     parser = add_command(commands, "stop", stop)
-    parser.add_argument("run", metavar="NAME")
+    parser.add_argument("run_name", metavar="NAME")
     parser = add_command(commands, "pull", pull)
-    parser.add_argument("run", metavar="NAME")
+    parser.add_argument("run_name", metavar="NAME")
     parser.add_argument("--dest", help="local directory (default: ./runs/NAME)")
     parser = add_command(commands, "jupyter", jupyter, json_flag=False)
     parser.add_argument("--port", type=int, default=0, help="local port (default: any free one)")

@@ -8,6 +8,8 @@ also ends when the container exits; when Docker is restarting it, following goes
 from __future__ import annotations
 
 import re
+import select
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -16,17 +18,19 @@ from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any
 
 from lenslab.errors import ConnectionLost, HostUnreachable
-from lenslab.remote.engine import engine_errors
-from lenslab.remote.lab import find
+from lenslab.remote.errmap import ssh_errors
 from lenslab.remote.training import ACTIVE, container_name
 
 if TYPE_CHECKING:
     from lenslab.cli.labctx import LabSession
+    from lenslab.remote.bootstrap import Runner
 
 # How long `logs -f` keeps trying to get the link back before giving up.
 RECONNECT_SECONDS = 300.0
 INITIAL_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 10.0
+_READ_CHUNK = 32768
+_SELECT_SECONDS = 0.2
 _STAMP = re.compile(rb"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z ?")
 
 Stamp = tuple[int, int]  # (unix seconds, nanoseconds)
@@ -76,18 +80,15 @@ class Follower:
 
     def _stream(self, session: LabSession, follow: bool) -> bool:
         """Print what is new; True when following should go on (the container is still active)."""
-        container = find(session.client, container_name(self.name))
-        if container is None:
+        name = shlex.quote(container_name(self.name))
+        since = f"--since {self.last[0]} " if self.last else ""
+        # The box's docker CLI does the log protocol; lenslab only streams its output.
+        command = f"docker logs --timestamps {'--follow ' if follow else ''}{since}{name} 2>&1"
+        if _stream_command(session.runner, command, self._feed) != 0:
             self._print_log_file(session)
             return False
-        since = self.last[0] if self.last else None
-        with engine_errors():
-            for chunk in container.logs(stream=True, follow=follow, timestamps=True, since=since):
-                self._feed(chunk)
-            container.reload()
-        # A link that broke mid-stream can also just end it; the check above then fails or
-        # finds the container still active, and we go round again.
-        return follow and container.status in ACTIVE
+        state = session.runner.run(f"docker inspect -f '{{{{.State.Status}}}}' {name}").stdout.strip()
+        return follow and state in ACTIVE
 
     def _feed(self, chunk: bytes) -> None:
         data = self._partial + chunk
@@ -108,3 +109,32 @@ class Follower:
         if getter is not None and not self.last:
             self.out.write(getter(path))
             self.out.flush()
+
+
+def _stream_command(runner: Runner, command: str, sink: Callable[[bytes], None]) -> int:
+    """Run ``command`` on the box, handing its output to ``sink`` as it arrives; its exit status.
+
+    A link that dies mid-stream raises ``ConnectionLost`` (a closed channel with no exit status),
+    rather than ending quietly like a finished command."""
+    transport_of = getattr(runner, "_transport", None)
+    if transport_of is None:  # the local provider
+        result = runner.run(command, on_output=lambda stream, text: sink(text.encode()))
+        return result.exit_status
+    where = runner.target.where  # type: ignore[attr-defined]
+    with ssh_errors(where):
+        chan = transport_of().open_session()
+        try:
+            chan.set_combine_stderr(True)
+            chan.exec_command(command)
+            chan.shutdown_write()
+            while True:
+                if chan.recv_ready():
+                    sink(chan.recv(_READ_CHUNK))
+                    continue
+                if chan.exit_status_ready() and not chan.recv_ready():
+                    if chan.status_event.is_set() and chan.transport is not None and chan.transport.is_active():
+                        return int(chan.recv_exit_status())
+                    raise ConnectionLost("the SSH link to the box dropped")
+                select.select([chan], [], [], _SELECT_SECONDS)
+        finally:
+            chan.close()

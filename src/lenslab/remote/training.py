@@ -79,20 +79,26 @@ def start(client: docker.DockerClient, runner: Runner, lab: Lab, run: RunFile) -
         f"{MOUNT_POINT}/runs-config/{run.name}/{run.path.name}",
         "--runs-dir", f"{MOUNT_POINT}/runs",
     ]  # fmt: skip
+    api = client.api
     with engine_errors():
-        return client.containers.run(
+        # The low-level API: the high-level run() cannot set a stop timeout.
+        host_config = api.create_host_config(
+            network_mode="host",
+            binds=lab.volumes(),
+            device_requests=lab.device_requests(),
+            restart_policy={"Name": "on-failure", "MaximumRetryCount": MAX_RESTARTS},
+        )
+        created = api.create_container(
             lab.image,
             command,
             name=container_name(run.name),
-            detach=True,
-            network_mode="host",
-            volumes=lab.volumes(),
-            device_requests=lab.device_requests(),
-            restart_policy={"Name": "on-failure", "MaximumRetryCount": MAX_RESTARTS},
+            labels={BOX_LABEL: lab.box, ROLE_LABEL: "train", RUN_LABEL: run.name},
             stop_signal="SIGTERM",
             stop_timeout=STOP_TIMEOUT_SECONDS,
-            labels={BOX_LABEL: lab.box, ROLE_LABEL: "train", RUN_LABEL: run.name},
+            host_config=host_config,
         )
+        api.start(created["Id"])
+        return client.containers.get(created["Id"])
 
 
 def _put(runner: Runner, data: bytes, path: str) -> None:
