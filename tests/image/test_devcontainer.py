@@ -60,6 +60,7 @@ def test_dev_container_user_is_the_image_user():
 
 @pytest.mark.slow
 def test_devcontainer_up_and_exec(devcontainer_cli, client, image, context, buildargs, tmp_path):
+    # `image` is requested so it is built first: the CLI's own build then finds every layer cached.
     # The product config, plus what this machine needs: the local base image and CPU torch wheel
     # (build args) and host networking (the only way out to the package index here).
     config = json.loads(strip_jsonc(SOURCE.read_text()))
