@@ -43,7 +43,7 @@ def write_lab_config(project: Path, vm: VM, box: str, root: Path, context: Path,
     text = "\n".join([
         "[box]", f'name = "{box}"', 'provider = "ssh"', 'host = "127.0.0.1"', 'user = "debian"',
         f"port = {vm.port}", f'root = "{root}"', 'gpu = "optional"', "min_free_gb = 0",
-        f'image = "lenslab-box-test:{box}"', f'build_context = "{context}"', f"jupyter_port = {jupyter_port}",
+        'image = "lenslab-box-test:latest"', f'build_context = "{context}"', f"jupyter_port = {jupyter_port}",
         "build_args = { " + ", ".join(f'{k} = "{v}"' for k, v in args.items()) + " }",
     ])  # fmt: skip
     path = project / "lenslab.toml"

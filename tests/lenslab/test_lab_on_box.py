@@ -34,12 +34,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def lab_context(tmp_path_factory: pytest.TempPathFactory, docker_ready: None) -> Path:
+def lab_context(tmp_path_factory: pytest.TempPathFactory, docker_ready: None) -> Iterator[Path]:
     """The image's build context as the image tests make it: local base image, CPU torch wheel."""
     import docker as sdk
 
     imagekit.ensure_base_image(sdk.from_env())
-    return imagekit.make_context(tmp_path_factory.mktemp("lab") / "context", imagekit.torch_wheel())
+    yield imagekit.make_context(tmp_path_factory.mktemp("lab") / "context", imagekit.torch_wheel())
+    # Images of earlier checkouts lost the tag to the current one: drop them so the disk does not fill.
+    docker("image", "prune", "-f", "--filter", "label=lenslab.context-hash", check=False)
 
 
 @pytest.fixture

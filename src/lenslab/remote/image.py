@@ -132,6 +132,8 @@ def _failure(lines: list[str], error: str) -> str:
     steps = [i for i, line in enumerate(lines) if line.startswith("Step ")]
     step = lines[steps[-1]][:160] if steps else "the build"
     after = lines[steps[-1] + 1 :] if steps else lines
-    tail = " | ".join(line.strip() for line in after[-FAILURE_TAIL_LINES:] if not line.startswith(" ---> "))
+    # The builder's own bookkeeping lines say nothing about why the step failed.
+    output = [line.strip() for line in after if not line.startswith((" ---> ", "Removing intermediate"))]
+    tail = " | ".join(output[-FAILURE_TAIL_LINES:])
     error = " ".join(error.split())[:300]
     return f"image build failed at {step}: {error}" + (f" (last lines: {tail})" if tail else "")
