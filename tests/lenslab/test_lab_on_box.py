@@ -115,7 +115,7 @@ def test_train_survives_a_crash_a_dropped_link_and_a_new_box(lab: dict[str, obje
     root, project = Path(str(lab["root"])), Path(str(lab["project"]))
     vms: list[VM] = lab["vms"]  # type: ignore[assignment]
     run = unique("e2e")
-    run_file = tiny_run(project / "run", training_tokens=1_000_000, checkpoint_every_tokens=50_000)
+    run_file = tiny_run(project / "run", training_tokens=600_000, checkpoint_every_tokens=40_000)
     name = f"lenslab-train-{run}"
 
     # The uninterrupted reference, trained here at the same time.
@@ -140,6 +140,12 @@ def test_train_survives_a_crash_a_dropped_link_and_a_new_box(lab: dict[str, obje
     wait_for("the restart", lambda: container_state(name).get("RestartCount", 0) >= 1, timeout=60)
     log = root / "runs" / run / "train.log"
     wait_for("the resume", lambda: "resuming from step-" in log.read_text(), timeout=120)
+
+    # A graceful stop: SIGTERM, a checkpoint, exit 75, and no restart.
+    stopped = lenslab("stop", run)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.startswith(f"run {run} stopped with a checkpoint")
+    assert container_state(name)["Status"] == "exited"
 
     # The box dies with everything on it but the persistent root; a new box takes its place.
     docker("rm", "-f", name)
