@@ -110,6 +110,10 @@ class SSHLink:
                     drained = _drain(chan, out, err, on_output)
                     if not drained and chan.exit_status_ready() and chan.eof_received:
                         break
+                    if not drained and chan.closed and not chan.status_event.is_set():
+                        # The link died mid-command: select() on a closed channel returns at
+                        # once, so waiting for an EOF that never comes would spin.
+                        raise paramiko.SSHException("the SSH session closed during the command")
                     if not drained:
                         select.select([chan], [], [], _SELECT_SECONDS)
                 status = chan.recv_exit_status()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lenslab.errors import LenslabError
+from lenslab.errors import CommandFailed, DiskFull, LenslabError
 from lenslab.remote.engine import engine_errors
 from lenslab.remote.lab import BOX_LABEL, MOUNT_POINT, ROLE_LABEL, Lab, find
 
@@ -104,7 +104,14 @@ def start(client: docker.DockerClient, runner: Runner, lab: Lab, run: RunFile) -
 def _put(runner: Runner, data: bytes, path: str) -> None:
     put = getattr(runner, "put", None)
     if put is not None:
-        put(data, path)
+        try:
+            put(data, path)
+        except CommandFailed as exc:
+            if "No space left" in str(exc):
+                raise DiskFull(
+                    f"the box's disk is full: cannot write {path}", "free space on the box, e.g. `docker system prune`"
+                ) from exc
+            raise
         return
     # The local provider's box is this machine.
     target = Path(path)
