@@ -13,6 +13,8 @@ machinery, not a particular model. ``--device cuda`` runs the same on a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import shutil
@@ -232,9 +234,10 @@ def bench_resume(device: str, n_sequences: int) -> None:
         for _ in range(3):
             run.trainer.step(next(run.stream))
             run.trainer.n_training_steps += 1
-        ours: dict[float, float] = {}
+        ours: dict[float, list[float]] = {0.1: [], 0.9: []}
         theirs: dict[float, float] = {}
-        for fraction in (0.1, 0.9):
+        # lenslab twice per position, alternating, so one-time warm-up costs do not land on one side.
+        for fraction in (0.1, 0.9, 0.1, 0.9):
             position = int(n_sequences * fraction)
             _write_checkpoint_at(run, position, tmp / "runs" / settings.name / "checkpoints")
             resumed = TrainingRun(settings, tmp / "runs")
@@ -244,18 +247,20 @@ def bench_resume(device: str, n_sequences: int) -> None:
             resumed._build(found)
             resumed.trainer.step(next(resumed.stream))
             _sync(device)
-            ours[fraction] = time.perf_counter() - start
+            ours[fraction].append(time.perf_counter() - start)
             assert resumed.stream.position > position
-            theirs[fraction] = _saelens_resume(settings, position)
+            if fraction not in theirs:
+                theirs[fraction] = _saelens_resume(settings, position)
             shutil.rmtree(tmp / "runs" / settings.name / "checkpoints")
             (tmp / "runs" / settings.name / "checkpoints").mkdir()
+    mine = {fraction: min(times) for fraction, times in ours.items()}  # best of two: warm-up excluded
     print(f"resume latency ({device}, {n_sequences:,} sequences of 128 tokens; checkpoint found -> first new step)")
     for fraction in (0.1, 0.9):
         print(
-            f"  at {fraction:.0%}: lenslab {ours[fraction]:6.2f} s   SAELens (fast-forward) {theirs[fraction]:6.2f} s"
+            f"  at {fraction:.0%}: lenslab {mine[fraction]:6.2f} s   SAELens (fast-forward) {theirs[fraction]:6.2f} s"
         )
     print(
-        f"  ratio 90 %/10 %: lenslab {ours[0.9] / ours[0.1]:.2f} (target <= 1.2)   "
+        f"  ratio 90 %/10 %: lenslab {mine[0.9] / mine[0.1]:.2f} (target <= 1.2)   "
         f"SAELens {theirs[0.9] / theirs[0.1]:.2f}"
     )
 
@@ -283,8 +288,9 @@ def _saelens_resume(settings: RunSettings, position: int) -> float:
         save_file({"n_dataset_processed": torch.tensor(position)}, str(state))
         store = runner.activations_store
         start = time.perf_counter()
-        store.load(str(state))
-        store.next_batch()
+        with contextlib.redirect_stderr(io.StringIO()):  # its fast-forward progress bar
+            store.load(str(state))
+            store.next_batch()
         return time.perf_counter() - start
 
 
