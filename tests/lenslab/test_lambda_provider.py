@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lenslab_testkit import VM, free_port, lenslab
+from lenslab_testkit import VM, docker, free_port, lenslab
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.support.lambda_emulator import LambdaEmulator
@@ -27,6 +27,7 @@ class Cloud:
         self.port = free_port()
         self.vms: dict[str, VM] = {}
         self.outputs: list[str] = []
+        self.extra_volumes: list[str] = []  # "host:box" mounts every instance gets
         emulator.on_launch = self._launch
         emulator.on_terminate = self._terminate
         self._factory = vm_factory
@@ -38,7 +39,7 @@ class Cloud:
             directory.chmod(0o777)  # the VM's user owns nothing on the host
             volumes.append(f"{directory}:/lambda/nfs/{name}")
         vm = self._factory()
-        vm.port, vm.volumes = self.port, volumes
+        vm.port, vm.volumes = self.port, volumes + self.extra_volumes
         self.vms[instance["id"]] = vm.start()
         return "127.0.0.1"
 
@@ -221,3 +222,67 @@ def test_laptop_autostop_terminates_from_status(cloud: Cloud, project: Path) -> 
     assert data["terminated"] is True
     assert data["autostop_text"].endswith("; lenslab terminated the idle instance")
     assert cloud.emulator.instances == {}
+
+
+@pytest.fixture
+def lab_cloud(cloud: Cloud, project: Path, docker_ready: None) -> Iterator[Cloud]:
+    """The cloud above, with lenslab's image and a persistent root the host engine can mount:
+    the file system's host directory, at the same path in the instance (as labkit explains)."""
+    import docker as sdk
+    from labkit import imagekit, persistent_root
+
+    imagekit.ensure_base_image(sdk.from_env())
+    context = imagekit.make_context(project.parent / "context", imagekit.torch_wheel())
+    root = persistent_root(cloud.emulator.fs_root / "lenslab-proj")
+    cloud.extra_volumes = [f"{root}:{root}"]
+    args = {"BASE_IMAGE": imagekit.BASE_IMAGE, "TORCH_SPEC": imagekit.torch_spec(imagekit.torch_wheel())}
+    build_args = ", ".join(f'{k} = "{v}"' for k, v in args.items())
+    config = project / "lenslab.toml"
+    config.write_text(
+        config.read_text()
+        + f'root = "{root}"\nmin_free_gb = 0\nimage = "lenslab-box-test:latest"\nbuild_context = "{context}"\n'
+        + f"jupyter_port = {free_port()}\nbuild_args = {{ {build_args} }}\n"
+    )
+    yield cloud
+    ids = docker("ps", "-aq", "--filter", "label=lenslab.box=gpu", check=False).stdout.split()
+    if ids:
+        docker("rm", "-f", *ids, check=False)
+
+
+@pytest.mark.slow
+def test_full_path_train_down_up_resumes(lab_cloud: Cloud, project: Path, tmp_path: Path) -> None:
+    from labkit import read_status, tiny_run, wait_for
+
+    cloud = lab_cloud
+    root = cloud.emulator.fs_root / "lenslab-proj"
+    run_file = tiny_run(tmp_path / "run", training_tokens=300_000, checkpoint_every_tokens=20_000)
+    assert cloud.run("up", "--yes").returncode == 0
+    started = cloud.run("train", str(run_file))
+    assert started.returncode == 0, started.stderr
+    wait_for("a checkpoint", lambda: (read_status(root, "tiny").get("last_checkpoint") or {}).get("step"), 300)
+
+    down = cloud.run("down")
+    assert down.returncode == 0, down.stderr
+    assert "terminated the instance, stopped 2 container(s)" in down.stdout  # dev + training
+    stopped = read_status(root, "tiny")
+    assert stopped["state"] == "interrupted"  # the graceful stop wrote a checkpoint first
+
+    assert cloud.run("up", "--yes").returncode == 0
+    assert cloud.launches() == 2
+    again = cloud.run("train", str(run_file))
+    assert again.returncode == 0, again.stderr
+    wait_for("the run to finish", lambda: read_status(root, "tiny").get("state") == "finished", 600)
+    log = (root / "runs" / "tiny" / "train.log").read_text()
+    assert f"resuming from step-{stopped['last_checkpoint']['step']:09d}" in log
+    pulled = cloud.run("pull", "tiny", "--dest", str(tmp_path / "pulled"))
+    assert pulled.returncode == 0, pulled.stderr
+    assert (tmp_path / "pulled" / "sae_weights.safetensors").exists() or (
+        tmp_path / "pulled" / "final" / "sae_weights.safetensors"
+    ).exists()
+
+
+def test_ssh_to_a_box_not_running_launches_nothing(cloud: Cloud) -> None:
+    result = cloud.run("ssh", "--", "true")
+    assert result.returncode == 5
+    assert result.stderr.strip() == "lenslab: error: box gpu is not running; start it with `lenslab up`"
+    assert cloud.launches() == 0

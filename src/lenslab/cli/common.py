@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lenslab.config import Config
-    from lenslab.records import Box
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -45,12 +44,6 @@ def load_config(args: argparse.Namespace) -> Config:
     from lenslab import config
 
     return config.load(Path(args.config) if args.config else None)
-
-
-def box_of(cfg: Config) -> Box:
-    from lenslab.providers.base import provider_for
-
-    return provider_for(cfg.box).launch(cfg.box)
 
 
 class Progress:

@@ -26,7 +26,12 @@ def ssh(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     provider = provider_for(cfg.box)
-    box = provider.launch(cfg.box)
+    # get, not launch: only `up` creates (and bills) a box.
+    box = provider.get(cfg.box)
+    if box is None:
+        from lenslab.errors import ProviderError
+
+        raise ProviderError(f"box {cfg.box.name} is not running", "start it with `lenslab up`")
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
         return _interactive(box.alias, box.host is not None)
