@@ -7,6 +7,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,3 +118,26 @@ def test_autostop_is_valid_python_without_third_party_modules() -> None:
     out = subprocess.run([sys.executable, "-I", "-S", str(REPO / "provision" / "autostop.py"), "--help"],
                          capture_output=True, text=True, check=False)  # fmt: skip
     assert out.returncode == 0 and "Stop this box when nobody uses it." in out.stdout
+
+
+def test_budget_reached_stops_a_busy_box_after_checkpointing(watcher: Watcher, cloud: LambdaEmulator) -> None:
+    # A "training" container that, like lenslab-train, saves on SIGTERM before it exits.
+    name = f"train-{uuid.uuid4().hex[:8]}"
+    key, value = watcher.label.split("=")
+    marker = f"/tmp/{name}-checkpointed"
+    script = f"trap 'touch {marker}; exit 75' TERM; while true; do sleep 0.1; done"
+    docker("run", "-d", "--name", name, "--label", LABEL, "--label", f"{key}={value}", "--network", "none",
+           "-v", "/tmp:/tmp", IMAGE, "bash", "-c", script)  # fmt: skip
+    settings = json.loads(watcher.vm.exec("cat /etc/lenslab/autostop.json").stdout)
+    settings.update(budget_usd=1.0, price_cents_per_hour=129, launched_at=time.time() - 3600)
+    watcher.vm.exec(f"echo '{json.dumps(settings)}' > /etc/lenslab/autostop.json")
+    try:
+        state = watcher.run("--once")
+        assert state["acted"] == (
+            "budget_usd $1.00 reached ($1.29 spent): stopped 1 training container(s); action lambda-terminate"
+        )
+        assert Path(marker).exists(), "the training container was not stopped gracefully"
+        assert cloud.instances == {}
+    finally:
+        docker("rm", "-f", name, check=False)
+        Path(marker).unlink(missing_ok=True)
