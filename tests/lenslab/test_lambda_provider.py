@@ -224,6 +224,42 @@ def test_laptop_autostop_terminates_from_status(cloud: Cloud, project: Path) -> 
     assert cloud.emulator.instances == {}
 
 
+# Runs in the dev container: starts a kernel through Jupyter's REST API and has it execute a
+# long sleep over the kernel's websocket, so the server reports it busy.
+BUSY_KERNEL = """
+import asyncio, json, os, time, urllib.request, uuid
+from tornado.websocket import websocket_connect
+argv = open("/proc/1/cmdline").read().split("\\0")
+base = "127.0.0.1:" + next(a.split("=", 1)[1] for a in argv if a.startswith("--port="))
+token = os.environ["JUPYTER_TOKEN"]
+auth = {"Authorization": "token " + token}
+def call(path, data=None):
+    request = urllib.request.Request("http://" + base + path, data=data, headers=auth, method="POST" if data else "GET")
+    return json.load(urllib.request.urlopen(request, timeout=60))
+for _ in range(150):  # Jupyter may still be starting
+    try:
+        call("/api/status")
+        break
+    except OSError:
+        time.sleep(0.2)
+kernel = call("/api/kernels", b"{}")["id"]
+async def main():
+    ws = await websocket_connect("ws://" + base + "/api/kernels/" + kernel + "/channels?token=" + token)
+    header = {"msg_id": uuid.uuid4().hex, "username": "t", "session": uuid.uuid4().hex,
+              "msg_type": "execute_request", "version": "5.3"}
+    content = {"code": "import time; time.sleep(300)", "silent": False, "store_history": False,
+               "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}
+    await ws.write_message(json.dumps({"header": header, "parent_header": {}, "metadata": {},
+                                       "content": content, "channel": "shell", "buffers": []}))
+    for _ in range(300):
+        if call("/api/kernels/" + kernel)["execution_state"] == "busy":
+            return
+        await asyncio.sleep(0.2)
+    raise SystemExit("the kernel never became busy")
+asyncio.run(main())
+"""
+
+
 @pytest.fixture
 def lab_cloud(cloud: Cloud, project: Path, docker_ready: None) -> Iterator[Cloud]:
     """The cloud above, with lenslab's image and a persistent root the host engine can mount:
@@ -257,6 +293,12 @@ def test_full_path_train_down_up_resumes(lab_cloud: Cloud, project: Path, tmp_pa
     root = cloud.emulator.fs_root / "lenslab-proj"
     run_file = tiny_run(tmp_path / "run", training_tokens=300_000, checkpoint_every_tokens=20_000)
     assert cloud.run("up", "--yes").returncode == 0
+    # A busy Jupyter kernel in the dev container keeps the box up.
+    (vm,) = cloud.vms.values()
+    busy = docker("exec", "lenslab-dev-gpu", "python", "-c", BUSY_KERNEL, check=False)
+    assert busy.returncode == 0, busy.stderr
+    watcher = vm.exec("python3 /usr/local/lib/lenslab/autostop.py --once --config /etc/lenslab/autostop.json")
+    assert json.loads(watcher.stdout.splitlines()[-1])["busy"] == ["1 Jupyter kernel(s) busy"], watcher.stderr
     started = cloud.run("train", str(run_file))
     assert started.returncode == 0, started.stderr
     wait_for("a checkpoint", lambda: (read_status(root, "tiny").get("last_checkpoint") or {}).get("step"), 300)

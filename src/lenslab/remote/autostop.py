@@ -38,7 +38,9 @@ def watcher_config(
         "check_every_seconds": min(MAX_CHECK_SECONDS, max(idle_seconds / 4, 0.2)),
         "ssh_ports": sorted({22, box.port}),
         "gpu_util_threshold": GPU_UTIL_THRESHOLD_PCT,
-        "jupyter_url": f"http://127.0.0.1:{cfg.jupyter_port}" if hasattr(cfg, "jupyter_port") else None,
+        "jupyter_url": f"http://127.0.0.1:{cfg.jupyter_port}",
+        # This box's containers; only its dev container carries the Jupyter token.
+        "dev_label": f"lenslab.box={box.name}",
         "state_file": STATE_FILE,
         "action": "poweroff" if box.provider == "ssh" else "none",
     }
