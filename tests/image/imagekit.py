@@ -115,23 +115,11 @@ def clone_context(context: Path, dest: Path) -> Path:
 
 
 def content_key(context: Path, buildargs: dict[str, str], base_id: str) -> str:
-    """A hash of every input of the build: file paths, modes and contents, arguments, base image."""
-    h = hashlib.sha256()
-    h.update(base_id.encode())
-    for k in sorted(buildargs):
-        h.update(f"{k}={buildargs[k]}\0".encode())
-    for path in sorted(p for p in context.rglob("*")):
-        rel = path.relative_to(context).as_posix()
-        if path.is_symlink():
-            h.update(f"L {rel} {os.readlink(path)}\0".encode())
-        elif path.is_file():
-            h.update(f"F {rel} {path.stat().st_mode & 0o777}\0".encode())
-            if path.suffix == ".whl":
-                # A wheel's name carries its version and build; its size stands in for its bytes.
-                h.update(str(path.stat().st_size).encode())
-            else:
-                h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    """lenslab's own build-input hash (files, modes, contents, arguments) plus the base image's id,
+    which the product's hash leaves to the tag of the base image."""
+    from lenslab.remote.image import context_hash
+
+    return hashlib.sha256(f"{base_id}\0{context_hash(context, buildargs)}".encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -16,13 +16,8 @@ log() { echo "base-image: $*"; }
 SUDO=()
 [ "$(id -u)" -ne 0 ] && SUDO=(sudo -n)
 
-debian_mirror() {
-  local url
-  url=$(grep -hoE '^(URIs:|deb) +[a-z]+://[^ ]*/debian/?( |$)' \
-        /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null \
-        | head -n 1 | awk '{print $2}') || true
-  echo "${url:-http://deb.debian.org/debian}"
-}
+# shellcheck source=tests/services/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 if "${SUDO[@]}" docker image inspect "$IMAGE" >/dev/null 2>&1; then
   log "image $IMAGE cached"

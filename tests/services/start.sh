@@ -50,15 +50,8 @@ start_dockerd() {
   die "dockerd did not become ready within 30 s"
 }
 
-# The Debian mirror this machine already uses (deb822 or one-line format), so the image is built
-# from the same place apt-get install just worked from.
-debian_mirror() {
-  local url
-  url=$(grep -hoE '^(URIs:|deb) +[a-z]+://[^ ]*/debian/?( |$)' \
-        /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null \
-        | head -n 1 | awk '{print $2}') || true
-  echo "${url:-http://deb.debian.org/debian}"
-}
+# shellcheck source=tests/services/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 build_image() {
   if "${SUDO[@]}" docker image inspect "$IMAGE" >/dev/null 2>&1; then
