@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = [*sorted((REPO / "provision").glob("*.sh")), REPO / "tests" / "services" / "start.sh"]
+SCRIPTS = [*sorted((REPO / "provision").glob("*.sh")), *sorted((REPO / "tests" / "services").glob("*.sh"))]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

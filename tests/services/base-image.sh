@@ -16,7 +16,7 @@ log() { echo "base-image: $*"; }
 SUDO=()
 [ "$(id -u)" -ne 0 ] && SUDO=(sudo -n)
 
-# shellcheck source=tests/services/lib.sh
+# shellcheck disable=SC1091  # lib.sh is shellchecked on its own
 source "$(dirname "$0")/lib.sh"
 
 if "${SUDO[@]}" docker image inspect "$IMAGE" >/dev/null 2>&1; then

@@ -50,7 +50,7 @@ start_dockerd() {
   die "dockerd did not become ready within 30 s"
 }
 
-# shellcheck source=tests/services/lib.sh
+# shellcheck disable=SC1091  # lib.sh is shellchecked on its own
 source "$(dirname "$0")/lib.sh"
 
 build_image() {

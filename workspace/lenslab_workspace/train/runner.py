@@ -57,7 +57,6 @@ def prepare_run_dir(settings: RunSettings, runs_dir: Path, fresh: bool) -> RunDi
         moved = run.set_aside()
         log.info("--fresh: the previous run was kept as %s", moved)
     run.create()
-    ckpt.remove_unfinished(run.checkpoints)
     return run
 
 
@@ -138,6 +137,8 @@ class TrainingRun:
                 EXIT_FINISHED, f"run '{self.settings.name}' already finished; the SAE is in {self.run.final}"
             )
         check_config_unchanged(self.settings, self.run)
+        # Only now: a refused launch leaves the run directory exactly as it found it.
+        ckpt.remove_unfinished(self.run.checkpoints)
         self.stop.install()
         found = self._find_checkpoint()
         self.cfg = self.settings.runner_config()
