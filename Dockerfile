@@ -91,13 +91,14 @@ RUN set -eux; \
 
 # Then the dependencies named in both pyproject files, read before any source is copied, so an
 # edit to lenslab's code reuses this layer and the torch layer above. The constraint keeps the
-# torch just installed (an unpinned resolve could swap in a different multi-GB build).
+# torch just installed (an unpinned resolve could swap in a different multi-GB build). lenslab
+# itself, which lenslab-workspace depends on, comes from the source below, never an index.
 COPY pyproject.toml /opt/lenslab/deps/pyproject.toml
 COPY workspace/pyproject.toml /opt/lenslab/deps/workspace/pyproject.toml
 RUN set -eux; \
     cd /opt/lenslab/deps; \
     python -c 'import sys; from pip._vendor import tomli; \
-[print(d) for f in sys.argv[1:] for d in tomli.load(open(f, "rb"))["project"]["dependencies"]]' \
+[print(d) for f in sys.argv[1:] for d in tomli.load(open(f, "rb"))["project"]["dependencies"] if d != "lenslab"]' \
       pyproject.toml workspace/pyproject.toml > /opt/lenslab/requirements.txt; \
     cat /opt/lenslab/requirements.txt; \
     pip install --find-links /tmp/lenslab-wheels -c /opt/lenslab/constraints.txt \

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE = os.environ.get("LENSLAB_TEST_IMAGE", "lenslab-test-vm:bookworm-1")
-LABEL = "lenslab-test"
+# Every container a test session starts carries its session's id, so two sessions running at
+# once (the CI's concurrent groups) clean up only their own.
+LABEL = f"lenslab-test={uuid.uuid4().hex[:12]}"
 LENSLAB = str(Path(sys.executable).with_name("lenslab"))
 SSHD_READY_SECONDS = 30.0
 
