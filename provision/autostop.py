@@ -2,9 +2,10 @@
 """lenslab autostop: stop a box that nobody uses, so a forgotten box does not burn money.
 
 Runs on the box as root (standard library only). The box counts as idle only when all hold:
-- no established connection to sshd (counted from /proc/net/tcp*, not from terminals:
-  VSCode's Remote-SSH sessions have no TTY);
-- no running lenslab training container (label ``lenslab.role=train``);
+- no authenticated SSH session (VSCode's Remote-SSH included): counted from sshd's per-session
+  processes, so a connection that never logs in (an internet scanner) keeps nothing up;
+- no running lenslab training container of this box (labels ``lenslab.role=train`` and, when
+  configured, ``lenslab.box=<name>``);
 - every GPU's utilisation is under the threshold;
 - no Jupyter kernel is busy.
 After ``idle_minutes`` of that, it stops lenslab's training containers gracefully (SIGTERM: they
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,38 +32,57 @@ import urllib.request
 from typing import Any
 
 CHECK_EVERY_SECONDS = 60.0
-STOP_TIMEOUT_SECONDS = 120  # enough for a final checkpoint of a large SAE
-TCP_ESTABLISHED = "01"
-# Labels lenslab puts on its training and dev containers (lenslab.remote.lab).
+# Equal to lenslab.contract.STOP_TIMEOUT_SECONDS (this script runs alone on the box and cannot
+# import it; a test keeps the two equal): enough for a final checkpoint of a large SAE.
+STOP_TIMEOUT_SECONDS = 120
+# Labels lenslab puts on its training and dev containers (lenslab.contract: ROLE_LABEL).
 TRAIN_LABEL = "lenslab.role=train"
 DEV_LABEL = "lenslab.role=dev"
+# After authentication OpenSSH's per-connection process renames itself "sshd: USER@pts/N" (a
+# terminal), "sshd: USER@notty" (VSCode, scp, `ssh box cmd`) or "sshd: USER" (no session yet, or
+# port forwarding only, as `lenslab jupyter`); from OpenSSH 9.8 that process is sshd-session and
+# its title starts "sshd-session: ". Before authentication every title carries a bracketed tag:
+# "sshd: [accepted]", "sshd: [net]", "sshd: USER [priv]", "sshd: USER [net]", "... [preauth]".
+SSHD_PROGRAMS = ("sshd", "sshd-session")
+SESSION_TITLE = re.compile(r"(?:sshd|sshd-session): [^\s\[\]@]+(?:@(?:pts/[0-9]+|notty))?")
 
 
-def ssh_connections(ports: list[int]) -> int:
-    """Established TCP connections whose local port is one of sshd's."""
+def is_session(program: str, cmdline: bytes) -> bool:
+    """A process that is an authenticated SSH session: sshd's program (the kernel's name for the
+    executable, which a user cannot rename with argv[0]) with a USER or USER@TTY title."""
+    title = cmdline.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+    return program in SSHD_PROGRAMS and SESSION_TITLE.fullmatch(title) is not None
+
+
+def ssh_sessions(proc: str = "/proc") -> int:
+    """Authenticated SSH sessions on this machine (one process per connection)."""
     count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as handle:
-                rows = handle.read().splitlines()[1:]
-        except OSError:
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
             continue
-        for row in rows:
-            fields = row.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if fields[3] == TCP_ESTABLISHED and local_port in ports:
-                count += 1
+        try:
+            with open(f"{proc}/{pid}/comm", "rb") as handle:
+                program = handle.read().decode("utf-8", "replace").strip()
+            with open(f"{proc}/{pid}/cmdline", "rb") as handle:
+                cmdline = handle.read(4096)
+        except OSError:
+            continue  # the process ended while we looked
+        count += is_session(program, cmdline)
     return count
 
 
-def containers_with(label: str) -> list[str]:
-    """Running containers carrying ``label`` (key=value)."""
+def containers_with(*labels: str) -> list[str]:
+    """Running containers carrying every one of ``labels`` (key=value)."""
     if shutil.which("docker") is None:
         return []
-    out = subprocess.run(
-        ["docker", "ps", "-q", "--filter", f"label={label}"], capture_output=True, text=True, check=False
-    )
+    filters = [arg for label in labels if label for arg in ("--filter", f"label={label}")]
+    out = subprocess.run(["docker", "ps", "-q", *filters], capture_output=True, text=True, check=False)
     return out.stdout.split()
+
+
+def training_labels(cfg: dict[str, Any]) -> tuple[str, ...]:
+    # The box label keeps the watcher to this box's containers on an engine others share.
+    return (cfg.get("train_label", TRAIN_LABEL), cfg.get("box_label", ""))
 
 
 def gpu_utilisation() -> list[int]:
@@ -103,9 +124,9 @@ def busy_kernels(url: str | None, token: str | None) -> int:
 
 def busy_reasons(cfg: dict[str, Any]) -> list[str]:
     reasons = []
-    if (n := ssh_connections(cfg.get("ssh_ports", [22]))) > 0:
-        reasons.append(f"{n} SSH connection(s)")
-    if containers := containers_with(cfg.get("train_label", TRAIN_LABEL)):
+    if (n := ssh_sessions()) > 0:
+        reasons.append(f"{n} SSH session(s)")
+    if containers := containers_with(*training_labels(cfg)):
         reasons.append(f"{len(containers)} training container(s) running")
     threshold = cfg.get("gpu_util_threshold", 5)
     if any(u >= threshold for u in gpu_utilisation()):
@@ -116,15 +137,15 @@ def busy_reasons(cfg: dict[str, Any]) -> list[str]:
     return reasons
 
 
-def stop_training(label: str) -> list[str]:
-    containers = containers_with(label)
+def stop_training(labels: tuple[str, ...]) -> list[str]:
+    containers = containers_with(*labels)
     if containers:
         subprocess.run(["docker", "stop", "--time", str(STOP_TIMEOUT_SECONDS), *containers], check=False)
     return containers
 
 
 def act(cfg: dict[str, Any]) -> str:
-    stopped = stop_training(cfg.get("train_label", TRAIN_LABEL))
+    stopped = stop_training(training_labels(cfg))
     action = cfg.get("action", "none")
     if action == "lambda-terminate":
         key = _read(cfg["lambda_key_file"])

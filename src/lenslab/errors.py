@@ -21,6 +21,12 @@ paramiko, socket, the Docker SDK or pydantic are translated into these at one ed
     │   ├── UnsupportedOS
     │   └── GPURequired
     ├── ProviderError                 exit 5   a provider could not launch or find the box
+    │   ├── BootFailed                         a launched instance never came up (lenslab terminated it)
+    │   └── LambdaError                        the Lambda Cloud API refused, or answered nonsense
+    │       ├── InsufficientCapacity, FileSystemInWrongRegion, QuotaExceeded, InvalidApiKey,
+    │       │   AccountInactive, ObjectDoesNotExist, FileSystemInUse   (one per API error code)
+    │       ├── UnexpectedReply                a reply of the wrong shape (HTML, null, missing field)
+    │       └── OutcomeUnknown                 no usable reply to a call that spends or creates
     └── SSHConfigError                exit 6   ~/.ssh/config could not be updated safely
 """
 
@@ -94,6 +100,55 @@ class GPURequired(BootstrapError):
 
 class ProviderError(LenslabError):
     exit_code = 5
+
+
+class BootFailed(ProviderError):
+    pass
+
+
+class LambdaError(ProviderError):
+    """An error from the Lambda Cloud API; ``code`` is its error code (``lenslab/...`` for ours)."""
+
+    def __init__(self, message: str, fix: str | None = None, code: str = "") -> None:
+        self.code = code
+        super().__init__(message, fix)
+
+
+class InsufficientCapacity(LambdaError):
+    pass
+
+
+class FileSystemInWrongRegion(LambdaError):
+    pass
+
+
+class QuotaExceeded(LambdaError):
+    pass
+
+
+class InvalidApiKey(LambdaError):
+    pass
+
+
+class AccountInactive(LambdaError):
+    pass
+
+
+class ObjectDoesNotExist(LambdaError):
+    pass
+
+
+class FileSystemInUse(LambdaError):
+    pass
+
+
+class UnexpectedReply(LambdaError):
+    pass
+
+
+class OutcomeUnknown(LambdaError):
+    """A launch or create whose reply was lost or unreadable: it may or may not have happened,
+    so the caller looks for what it asked for (by name) before asking again."""
 
 
 class SSHConfigError(LenslabError):

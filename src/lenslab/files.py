@@ -43,7 +43,17 @@ def default_key_path() -> Path:
 
 def ensure_dirs() -> Path:
     for directory in (ssh_dir(), lenslab_dir()):
-        directory.mkdir(mode=0o700, exist_ok=True)
+        if directory.exists() and not directory.is_dir():
+            raise SSHConfigError(
+                f"{directory} is not a directory", f"move it aside; lenslab keeps its ssh files in {lenslab_dir()}"
+            )
+        try:
+            directory.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SSHConfigError(
+                f"cannot create {directory} ({exc.strerror})",
+                "make your home directory writable, or set HOME to one that is",
+            ) from exc
     return lenslab_dir()
 
 
@@ -51,7 +61,12 @@ def ensure_dirs() -> Path:
 def locked() -> Iterator[None]:
     """Hold lenslab's file lock; gives up with a clear error rather than waiting forever."""
     lock_file = ensure_dirs() / ".lock"
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise SSHConfigError(
+            f"cannot open {lock_file} ({exc.strerror})", f"check the permissions of {lock_file.parent}"
+        ) from exc
     try:
         deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
         while True:
@@ -71,12 +86,22 @@ def locked() -> Iterator[None]:
 
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     """Replace ``path`` in one step, so a crash or a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise SSHConfigError(
+            f"cannot write {path} ({exc.strerror})", f"check the permissions of {path.parent}"
+        ) from exc
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise SSHConfigError(
+            f"cannot write {path} ({exc.strerror})", "free some disk space or fix its permissions"
+        ) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -22,7 +22,7 @@ class Box:
     """A box as a provider knows it: enough to reach it and to write its ssh config entry."""
 
     name: str  # box.name in lenslab.toml
-    provider: str  # "local" | "ssh" | "lambda"
+    provider: str  # a name in lenslab.providers.registry
     alias: str  # ssh Host alias, lenslab-<name>
     root: str  # persistent root on the box; a leading ~ is the box user's home
     host: str | None = None  # None for the local provider: no SSH involved

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lenslab.errors import ConfigError
+from lenslab import contract
+from lenslab.errors import ConfigError, LenslabError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOP_NAME = re.compile(r"^name\s*=.*$", re.MULTILINE)
 _REQUIRED = ("model_name", "hook_name", "dataset_path", "training_tokens")
 
@@ -40,33 +40,51 @@ class RunFile:
             out[self.dataset] = (self.path.parent / self.dataset).read_bytes()
         return out
 
+    def uploads(self) -> dict[str, bytes | Path]:
+        """Like ``files()``, with the dataset as its local path: ``Runner.put`` streams it in
+        chunks, so a large dataset is never held in memory."""
+        out: dict[str, bytes | Path] = {self.path.name: self.text.encode()}
+        if self.dataset:
+            out[self.dataset] = self.path.parent / self.dataset
+        return out
+
 
 def load(path: Path, name: str | None = None) -> RunFile:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the run file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: the run file is not UTF-8 text (offset {exc.start})", "save it as UTF-8") from exc
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
     _validate(path, raw)
     run_name = name or raw.get("name")
-    if not isinstance(run_name, str) or not NAME.match(run_name):
+    if not isinstance(run_name, str) or not contract.is_run_name(run_name):
         raise ConfigError(
             f"{path}: run name {run_name!r} is missing or not a simple name",
-            'set name = "..." in the file or pass --name (letters, digits, . _ -)',
+            f'set name = "..." in the file or pass --name ({contract.RUN_NAME_HELP})',
         )
     return RunFile(path, run_name, _with_name(text, run_name), _local_dataset(path, raw))
 
 
 def _validate(path: Path, raw: dict[str, Any]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("lenslab_workspace") is None:
+        _light_check(path, raw)  # the CLI alone is installed: the box validates the rest
+        return
     try:
         from lenslab_workspace.train.config import load_run_file
         from lenslab_workspace.train.errors import LenslabTrainError
-    except ImportError:
-        _light_check(path, raw)
-        return
+    except ImportError as exc:
+        # Installed but broken (a missing dependency): say so, rather than check less in silence.
+        raise LenslabError(
+            f"lenslab-workspace is installed here but cannot be imported ({exc})",
+            "reinstall it (bash provision/python-env.sh), or uninstall it to check run files lightly",
+        ) from exc
     try:
         load_run_file(path)
     except LenslabTrainError as exc:

@@ -14,14 +14,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
-from lenslab import files
+from lenslab import files, values
+from lenslab.errors import SSHConfigError
 
 MARKER = "# Added by lenslab: lenslab-<name> hosts for ssh and VSCode (lenslab down removes it)"
 BACKUP_SUFFIX = ".lenslab-backup"
 _HOST_LINE = re.compile(r"^Host\s+(\S+)\s*$")
+# A path made only of these is written as it is; anything else goes in double quotes.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9/._+,@=:~-]+")
+ALIAS = re.compile(r"lenslab-[a-z0-9][a-z0-9-]{0,40}")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,20 @@ class Entry:
     # opens it. Kept as a comment, which OpenSSH and VSCode ignore.
     root: str | None = None
 
+    def __post_init__(self) -> None:
+        # lenslab.toml and the bootstrap summary are checked where they are read; this is the
+        # last line of defence: a newline here would let in any OpenSSH directive (`Match exec`
+        # runs a command at every later ssh, to any host), because the file is included first.
+        if ALIAS.fullmatch(self.alias) is None:
+            _refuse("alias", self.alias, "is not lenslab-<box name>")
+        _refuse("host", self.host, values.host_problem(self.host))
+        _refuse("user", self.user, values.user_problem(self.user))
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            _refuse("port", self.port, "is not a port number (1-65535)")
+        _refuse("identity_file", str(self.identity_file), values.ssh_path_problem(str(self.identity_file)))
+        if self.root is not None:
+            _refuse("root", self.root, values.path_problem(self.root, absolute=True, home=False))
+
     def render(self) -> str:
         lines = [
             f"Host {self.alias}",
@@ -42,9 +57,9 @@ class Entry:
             f"    HostName {self.host}",
             f"    User {self.user}",
             f"    Port {self.port}",
-            f"    IdentityFile {_quote(self.identity_file)}",
+            f"    IdentityFile {_quote(self.identity_file, 'identity_file')}",
             "    IdentitiesOnly yes",
-            f"    UserKnownHostsFile {_quote(files.known_hosts_path())}",
+            f"    UserKnownHostsFile {_quote(files.known_hosts_path(), 'known_hosts')}",
             "    StrictHostKeyChecking yes",
             "    ServerAliveInterval 60",
             "    ServerAliveCountMax 3",
@@ -52,14 +67,23 @@ class Entry:
         return "\n".join(lines) + "\n"
 
 
-def _quote(path: Path) -> str:
+def _refuse(field: str, value: object, problem: str | None) -> None:
+    if problem:
+        raise SSHConfigError(
+            f"refusing to write {field} {value!a} into {files.config_path()}: it {problem}",
+            "fix the value in lenslab.toml (or on the box) and run `lenslab up` again",
+        )
+
+
+def _quote(path: Path, field: str) -> str:
     # Absolute paths: OpenSSH expands "~" from the passwd database, not $HOME.
     text = str(path.expanduser().resolve())
-    return f'"{text}"' if " " in text else text
+    _refuse(field, text, values.ssh_path_problem(text))
+    return text if _PLAIN_PATH.fullmatch(text) else f'"{text}"'
 
 
 def include_line() -> str:
-    return f"Include {_quote(files.config_path())}"
+    return f"Include {_quote(files.config_path(), 'config path')}"
 
 
 def _blocks(text: str) -> dict[str, str]:
@@ -83,7 +107,9 @@ def entries() -> dict[str, str]:
 def recorded_root(alias: str) -> str | None:
     for line in entries().get(alias, "").splitlines():
         if line.strip().startswith("# lenslab-root "):
-            return line.strip().removeprefix("# lenslab-root ")
+            root = line.strip().removeprefix("# lenslab-root ")
+            # A hand-edited line that is no absolute path is ignored: the box is asked instead.
+            return None if values.path_problem(root, absolute=True, home=False) else root
     return None
 
 
@@ -163,6 +189,9 @@ def _mode_of(path: Path) -> int:
 
 def ensure_keypair(path: Path | None = None) -> Path:
     """lenslab's own ed25519 key (0600), made once; returns the private key's path."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
     path = path or files.default_key_path()
     with files.locked():
         if path.exists():
@@ -172,9 +201,13 @@ def ensure_keypair(path: Path | None = None) -> Path:
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        # O_EXCL with the mode set at creation: the secret is never readable by others, even briefly.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(private)
-        path.with_name(path.name + ".pub").write_text(public.decode() + " lenslab\n")
+        try:
+            # O_EXCL with the mode set at creation: the secret is never readable by others, even briefly.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(private)
+            path.with_name(path.name + ".pub").write_text(public.decode() + " lenslab\n")
+        except OSError as exc:
+            path.unlink(missing_ok=True)  # half a key pair would be "made once" forever
+            raise SSHConfigError(f"cannot write lenslab's key {path} ({exc.strerror})", f"check {path.parent}") from exc
     return path

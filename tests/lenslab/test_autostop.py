@@ -1,10 +1,13 @@
-"""The autostop watcher on a real box: an SSH session or a training container keeps it up; an
-idle box is stopped (here: its Lambda instance terminated through the API emulator)."""
+"""The autostop watcher on a real box: an authenticated SSH session or a training container
+keeps it up, a connection that never logs in does not; an idle box is stopped (here: its Lambda
+instance terminated through the API emulator)."""
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -50,7 +53,6 @@ class Watcher:
         config = {
             "idle_minutes": 0.01,
             "check_every_seconds": 0.2,
-            "ssh_ports": [vm.port],
             "train_label": self.label,
             "action": "lambda-terminate",
             "lambda_api_url": cloud.url,
@@ -76,19 +78,96 @@ def watcher(vm: VM, cloud: LambdaEmulator) -> Watcher:
     return Watcher(vm, cloud)
 
 
-def test_open_ssh_session_keeps_the_box_up(watcher: Watcher, keypair: Path, cloud: LambdaEmulator) -> None:
+def _load_watcher() -> Any:
+    spec = importlib.util.spec_from_file_location("autostop_script", REPO / "provision" / "autostop.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _session(vm: VM, keypair: Path) -> paramiko.SSHClient:
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    kind, blob = watcher.vm.exec("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2]
-    client.get_host_keys().add(f"[127.0.0.1]:{watcher.vm.port}", kind, paramiko.Ed25519Key(data=base64.b64decode(blob)))
-    client.connect("127.0.0.1", port=watcher.vm.port, username="debian", key_filename=str(keypair))
+    kind, blob = vm.exec("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2]
+    client.get_host_keys().add(f"[127.0.0.1]:{vm.port}", kind, paramiko.Ed25519Key(data=base64.b64decode(blob)))
+    client.connect("127.0.0.1", port=vm.port, username="debian", key_filename=str(keypair))
+    return client
+
+
+def test_open_ssh_session_keeps_the_box_up(watcher: Watcher, keypair: Path, cloud: LambdaEmulator) -> None:
+    client = _session(watcher.vm, keypair)
     try:
         state = watcher.run("--once")
     finally:
         client.close()
-    assert state["busy"] == ["1 SSH connection(s)"]
+    assert state["busy"] == ["1 SSH session(s)"]
     assert state["stop_at"] is None
     assert watcher.instance_id in cloud.instances
+
+
+def test_connections_that_never_log_in_do_not_keep_the_box_up(watcher: Watcher, keypair: Path) -> None:
+    """What an internet scanner does to port 22: hold a socket open, read the banner, run the
+    key exchange, try a key that is refused. None of it is a session."""
+    port = watcher.vm.port
+    silent = socket.create_connection(("127.0.0.1", port))
+    banner = socket.create_connection(("127.0.0.1", port))
+    assert banner.recv(64).startswith(b"SSH-2.0-")
+    banner.sendall(b"SSH-2.0-scanner\r\n")
+    kex = paramiko.Transport(socket.create_connection(("127.0.0.1", port)))
+    kex.start_client(timeout=30)
+    refused = paramiko.Transport(socket.create_connection(("127.0.0.1", port)))
+    refused.start_client(timeout=30)
+    with pytest.raises(paramiko.AuthenticationException):
+        refused.auth_publickey("debian", paramiko.RSAKey.generate(2048))  # a key the box does not know
+    try:
+        # Each of the four holds an sshd process on the box while the watcher looks.
+        processes = watcher.vm.exec("pgrep -c -x sshd").stdout.strip()
+        assert int(processes) >= 5, processes
+        idle = watcher.run("--once")
+        assert idle["busy"] == [], idle
+        client = _session(watcher.vm, keypair)
+        try:
+            busy = watcher.run("--once")
+        finally:
+            client.close()
+        assert busy["busy"] == ["1 SSH session(s)"]
+    finally:
+        for held in (silent, banner):
+            held.close()
+        kex.close()
+        refused.close()
+
+
+# Process titles as OpenSSH sets them (seen on Debian bookworm's 9.2p1; 9.8 and later run the
+# session as sshd-session): cmdline is the title, NUL-padded. "sshd: USER" is a logged-in
+# connection with no session channel (port forwarding only).
+SESSION_TITLES = [b"sshd: debian@pts/0\0\0\0", b"sshd: debian@notty", b"sshd-session: root@pts/12\0",
+                  b"sshd: deploy.bot@notty   ", b"sshd: debian\0\0", b"sshd-session: debian"]  # fmt: skip
+NOT_SESSIONS = [b"sshd: [accepted]", b"sshd: [net]", b"sshd: debian [priv]", b"sshd: debian [net]",
+                b"sshd: unknown [net]", b"sshd: 203.0.113.9 [preauth]", b"sshd-session: debian [priv]",
+                b"sshd: debian@notty [net]", b"sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups",
+                b"sshd: debian@pts/0x", b"/usr/sbin/sshd", b"sshd: debian extra", b""]  # fmt: skip
+
+
+def test_session_titles() -> None:
+    script = _load_watcher()
+    for title in SESSION_TITLES:
+        assert script.is_session("sshd", title) and script.is_session("sshd-session", title), title
+        # argv[0] is the user's to set; the kernel's name for the program is not.
+        assert not script.is_session("bash", title), title
+    for title in NOT_SESSIONS:
+        assert not script.is_session("sshd", title) and not script.is_session("sshd-session", title), title
+
+
+def test_watcher_constants_match_the_contract() -> None:
+    """The watcher runs alone on the box and cannot import lenslab.contract: its copies must agree."""
+    from lenslab import contract
+
+    script = _load_watcher()
+    assert script.STOP_TIMEOUT_SECONDS == contract.STOP_TIMEOUT_SECONDS
+    assert f"{contract.ROLE_LABEL}=train" == script.TRAIN_LABEL
+    assert f"{contract.ROLE_LABEL}=dev" == script.DEV_LABEL
 
 
 def test_running_training_container_keeps_the_box_up(watcher: Watcher, cloud: LambdaEmulator) -> None:
@@ -102,6 +181,24 @@ def test_running_training_container_keeps_the_box_up(watcher: Watcher, cloud: La
         docker("rm", "-f", name, check=False)
     assert state["busy"] == ["1 training container(s) running"]
     assert watcher.instance_id in cloud.instances
+
+
+def test_another_boxs_training_container_neither_keeps_the_box_up_nor_is_stopped(
+    watcher: Watcher, cloud: LambdaEmulator
+) -> None:
+    """Boxes may share an engine (as these tests do): each watcher looks at its own box's containers."""
+    name = f"train-{uuid.uuid4().hex[:8]}"
+    docker("run", "-d", "--name", name, "--label", LABEL, "--label", watcher.label, "--label", "lenslab.box=other",
+           "--network", "none", IMAGE, "sleep", "120")  # fmt: skip
+    settings = json.loads(watcher.vm.exec("cat /etc/lenslab/autostop.json").stdout)
+    settings.update(box_label="lenslab.box=mine", idle_minutes=0.001)
+    watcher.vm.exec(f"echo '{json.dumps(settings)}' > /etc/lenslab/autostop.json")
+    try:
+        state = watcher.run()  # loops until it acts
+        assert state["acted"] == "stopped 0 training container(s); action lambda-terminate"
+        assert docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip() == "true"
+    finally:
+        docker("rm", "-f", name, check=False)
 
 
 def test_idle_box_is_stopped_after_the_idle_time(watcher: Watcher, cloud: LambdaEmulator) -> None:

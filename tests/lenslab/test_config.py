@@ -19,7 +19,7 @@ BASE = '[box]\nname = "gpu1"\nprovider = "ssh"\nhost = "203.0.113.7"\nuser = "ub
     [
         (BASE + "port = 70000\n", "{path}: box.port: Input should be less than or equal to 65535"),
         (BASE + "colour = 1\n", "{path}: box.colour: unknown field"),
-        (BASE + 'gpu = "maybe"\n', "{path}: box.gpu: Input should be 'required', 'optional' or 'none'"),
+        (BASE + 'gpu = "maybe"\n', "{path}: box.gpu: Input should be 'required', 'optional' or 'none' (got 'maybe')"),
         ('[box]\nname = "gpu1"\nprovider = "ssh"\nuser = "u"\n', "{path}: box: provider 'ssh' needs box.host"),
         ('[box]\nprovider = "local"\n', "{path}: box.name: required field is missing"),
         (
@@ -83,3 +83,42 @@ def test_secret_files_must_be_private(tmp_path: Path, monkeypatch: pytest.Monkey
     assert config.secret("LENSLAB_TEST_SECRET", secret_file) == "s3cret"
     monkeypatch.setenv("LENSLAB_TEST_SECRET", "from-env")
     assert config.secret("LENSLAB_TEST_SECRET", secret_file) == "from-env"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "value"),
+    [
+        ('host = "fe80::1"\n', "host", "fe80::1"),
+        ('host = "gpu-box.example.com."\n', "host", "gpu-box.example.com."),
+        ('user = "first.last"\n', "user", "first.last"),
+        ('identity_file = "~/keys/o\'brien key"\n', "identity_file", "~/keys/o'brien key"),
+        ('root = "~"\n', "root", "~"),
+        ('root = "/data/lab #1"\n', "root", "/data/lab #1"),
+        (
+            'image = "ghcr.io/org/lenslab:1.2@sha256:' + "a" * 64 + '"\n',
+            "image",
+            "ghcr.io/org/lenslab:1.2@sha256:" + "a" * 64,
+        ),
+        ('image = "localhost:5000/lab"\n', "image", "localhost:5000/lab"),
+        (
+            'build_args = { BASE_IMAGE = "nvidia/cuda:12.8.1 runtime" }\n',
+            "build_args",
+            {"BASE_IMAGE": "nvidia/cuda:12.8.1 runtime"},
+        ),
+        ('gpu_types = ["gpu_1x_a100_sxm4"]\n', "gpu_types", ["gpu_1x_a100_sxm4"]),
+        ("boot_timeout_minutes = 15\n", "boot_timeout_minutes", 15.0),
+    ],
+)
+def test_unusual_but_valid_values_load(project: Path, extra: str, field: str, value: object) -> None:
+    """The checks refuse what breaks a config or a command line, not what users really write."""
+    (project / "lenslab.toml").write_text(BASE.replace(f"{field} = ", "# ") + extra)
+    assert getattr(config.load(project / "lenslab.toml").box, field) == value
+
+
+def test_the_starter_loads_for_every_provider(project: Path) -> None:
+    for provider in ("ssh", "local", "lambda"):
+        path = project / f"{provider}.toml"
+        config.write_starter(path, "gpu1", provider, "optional")
+        if provider == "ssh":
+            path.write_text(path.read_text().replace('# host = "203', 'host = "203').replace('# user = "', 'user = "'))
+        assert config.load(path).box.provider == provider

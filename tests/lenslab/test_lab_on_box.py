@@ -91,7 +91,7 @@ def test_up_starts_the_dev_container_and_jupyter_answers_through_the_tunnel(lab:
             timer.cancel()
             assert url.startswith(f"http://127.0.0.1:{port}/lab?token=")
             token = url.split("token=", 1)[1]
-            status = wait_for("Jupyter to answer", lambda: _api_status(port, token), timeout=60, interval=0.5)
+            status = wait_for("Jupyter to answer", lambda: _api_status(port, token), timeout=180, interval=0.5)
             assert "started" in status
         finally:
             tunnel.terminate()
@@ -125,7 +125,8 @@ def test_train_survives_a_crash_a_dropped_link_and_a_new_box(lab: dict[str, obje
     )  # fmt: skip
     assert lenslab("up", timeout=900).returncode == 0
 
-    started = lenslab("train", str(run_file), "--name", run)
+    # `train` returns once the trainer has reported in: minutes on a loaded machine.
+    started = lenslab("train", str(run_file), "--name", run, timeout=600)
     assert started.returncode == 0, started.stderr
     again = lenslab("train", str(run_file), "--name", run)
     assert again.returncode == 8
@@ -135,11 +136,11 @@ def test_train_survives_a_crash_a_dropped_link_and_a_new_box(lab: dict[str, obje
     )
 
     # A crash (what the OOM killer does): Docker restarts it and it resumes.
-    wait_for("a first checkpoint", lambda: read_status(root, run).get("last_checkpoint"), timeout=180)
+    wait_for("a first checkpoint", lambda: read_status(root, run).get("last_checkpoint"), timeout=600)
     subprocess.run(["kill", "-9", str(container_state(name)["Pid"])], check=True)
-    wait_for("the restart", lambda: container_state(name).get("RestartCount", 0) >= 1, timeout=60)
+    wait_for("the restart", lambda: container_state(name).get("RestartCount", 0) >= 1, timeout=120)
     log = root / "runs" / run / "train.log"
-    wait_for("the resume", lambda: "resuming from step-" in log.read_text(), timeout=120)
+    wait_for("the resume", lambda: "resuming from step-" in log.read_text(), timeout=600)
 
     # A graceful stop: SIGTERM, a checkpoint, exit 75, and no restart.
     stopped = lenslab("stop", run)
@@ -154,9 +155,9 @@ def test_train_survives_a_crash_a_dropped_link_and_a_new_box(lab: dict[str, obje
     text = (project / "lenslab.toml").read_text().replace(f"port = {vms[0].port}", f"port = {vms[1].port}")
     (project / "lenslab.toml").write_text(text)
     assert lenslab("up", timeout=900).returncode == 0
-    resumed = lenslab("train", str(run_file), "--name", run)
+    resumed = lenslab("train", str(run_file), "--name", run, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    wait_for("the resume on the new box", lambda: log.read_text().count("resuming from step-") >= 2, timeout=120)
+    wait_for("the resume on the new box", lambda: log.read_text().count("resuming from step-") >= 2, timeout=300)
     runs = lenslab("runs")
     assert run in runs.stdout and "running" in runs.stdout, runs.stdout + runs.stderr
 
@@ -176,10 +177,15 @@ def _follow_across_a_dropped_link(vm: VM, run: str) -> None:
         out: list[bytes] = []
         reader = threading.Thread(target=lambda: out.extend(iter(logs.stdout.readline, b"")), daemon=True)  # type: ignore[union-attr]
         reader.start()
-        wait_for("log lines", lambda: len(out) > 3, timeout=60)
+        wait_for("log lines", lambda: len(out) > 3, timeout=180)
         vm.exec("pkill -f 'sshd: debian'")
         seen = len(out)
-        code = logs.wait(timeout=300)
+        try:
+            # Until the run ends: the rest of the training, on a loaded machine minutes.
+            code = logs.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            logs.kill()
+            raise AssertionError(f"`logs -f` did not end: {logs.stderr.read().decode()[-2000:]}") from None
         reader.join(timeout=5)
         err = logs.stderr.read().decode()
     assert code == 0, err
@@ -196,3 +202,42 @@ def _assert_same_sae(pulled: Path, reference: Path) -> None:
     want = SAE.load_from_disk(str(reference), device="cpu")
     for key, value in want.state_dict().items():
         assert torch.equal(got.state_dict()[key], value), key
+
+
+def test_a_launch_whose_trainer_never_reports_in_fails_and_runs_shows_it(lab: dict[str, object]) -> None:
+    """The trainer refuses the run before writing any status (its run directory's saved config
+    is damaged), under the status.json an earlier launch left: `train` must not say "started",
+    and `runs` must show the container that exited, not the old "interrupted"."""
+    root, project = Path(str(lab["root"])), Path(str(lab["project"]))
+    run = unique("early")
+    run_file = tiny_run(project / "run", training_tokens=20_000, checkpoint_every_tokens=10_000)
+    run_dir = root / "runs" / run
+    run_dir.mkdir(parents=True)
+    (run_dir / "run-config.json").write_text("{damaged")
+    earlier = {"name": run, "state": "interrupted", "started_at": time.time() - 600, "updated_at": time.time() - 500}
+    (run_dir / "status.json").write_text(json.dumps(earlier))
+    # What a hostile or odd box may hold next to it: none of it is a run.
+    for name, status in (("bad\nname", {"name": "bad\nname", "state": "running"}), ("other", {"name": run})):
+        (root / "runs" / name).mkdir()
+        (root / "runs" / name / "status.json").write_text(json.dumps(status))
+    assert lenslab("up", timeout=900).returncode == 0
+
+    started = lenslab("train", str(run_file), "--name", run, timeout=600)
+    assert started.returncode == 1, started.stdout + started.stderr
+    first, *tail = started.stderr.splitlines()
+    assert first.startswith(f"lenslab: error: run {run} did not start: its container "), first
+    assert "before the trainer wrote its status" in first and first.endswith("run `lenslab train` again")
+    assert tail and all(line.startswith("  | ") for line in tail), started.stderr
+    assert started.stdout == ""
+    assert json.loads((run_dir / "status.json").read_text()) == earlier
+
+    listed = lenslab("runs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = json.loads(listed.stdout)["runs"]
+    assert entry["name"] == run and entry["state"] == "interrupted"
+    assert entry["container"]["state"] == "exited" and entry["container"]["exit_code"] not in (0, None)
+    table = lenslab("runs")
+    assert table.returncode == 0, table.stderr
+    (row,) = table.stdout.splitlines()[1:]
+    assert row.split()[0] == run
+    assert f"exited ({entry['container']['exit_code']}) before starting" in row

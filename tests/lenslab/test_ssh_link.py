@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import threading
@@ -35,7 +36,9 @@ def test_put_and_get_round_trip_with_mode(vm: VM, keypair: Path) -> None:
     data = bytes(range(256)) * 1000
     with SSHLink.connect(_target(vm, keypair)) as link:
         link.put(data, "/home/debian/sub/dir/blob.bin", mode=0o600)
-        assert link.get("/home/debian/sub/dir/blob.bin") == data
+        copy = io.BytesIO()
+        assert link.get("/home/debian/sub/dir/blob.bin", copy) == len(data)
+        assert copy.getvalue() == data
     assert vm.exec("stat -c %a /home/debian/sub/dir/blob.bin").stdout.strip() == "600"
 
 

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lenslab import files, sshconfig
+from lenslab.errors import SSHConfigError
 
 USER_CONFIG = "Host work\n    HostName work.example\n    User me\n"
 
@@ -89,3 +92,69 @@ def test_concurrent_writers_lose_nothing(home: Path) -> None:
     assert [p.wait(timeout=60) for p in procs] == [0] * 8
     assert set(sshconfig.entries()) == {f"lenslab-p{n}" for n in range(8)}
     assert (home / ".ssh" / "config").read_text().count("Include") == 1
+
+
+def _ssh_g(config: Path, alias: str) -> dict[str, list[str]]:
+    """What the real OpenSSH client makes of ``config`` for ``alias`` (``ssh -G``)."""
+    out = subprocess.run(["ssh", "-G", "-F", str(config), alias], capture_output=True, text=True, check=True).stdout
+    parsed: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        parsed.setdefault(key, []).append(value)
+    return parsed
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("host", 'h\nMatch exec "touch /tmp/x"', "host 'h\\nMatch exec \"touch /tmp/x\"'"),
+        ("host", "-oProxyCommand=sh", "host '-oProxyCommand=sh'"),
+        ("host", "h\r", "host 'h\\r'"),
+        ("user", "me\n    ProxyCommand sh", "user 'me\\n    ProxyCommand sh'"),
+        ("user", "me\x00", "user 'me\\x00'"),
+        ("port", 0, "port 0"),
+        ("port", True, "port True"),
+        ("identity_file", Path("/k/a\nb"), "identity_file '/k/a\\nb'"),
+        ("identity_file", Path('/k/my"key'), "identity_file '/k/my\"key'"),
+        ("identity_file", Path("/k/%h"), "identity_file '/k/%h'"),
+        ("identity_file", Path("/k/${HOME}"), "identity_file '/k/${HOME}'"),
+        ("identity_file", Path("/k/\u2028"), "identity_file '/k/\\u2028'"),
+        ("root", '/srv/lab\nMatch exec "touch /tmp/x"', "root '/srv/lab\\nMatch"),
+        ("root", "/srv/lab\t", "root '/srv/lab\\t'"),
+        ("root", "relative", "root 'relative'"),
+        ("alias", "lenslab-a b", "alias 'lenslab-a b'"),
+    ],
+)
+def test_entry_refuses_values_that_would_break_the_config(home: Path, field: str, value: object, says: str) -> None:
+    fields: dict[str, object] = {
+        "alias": "lenslab-a", "host": "127.0.0.1", "port": 22, "user": "debian",
+        "identity_file": Path("/keys/id"), "root": "/srv/lab",
+    }  # fmt: skip
+    fields[field] = value
+    with pytest.raises(SSHConfigError) as caught:
+        sshconfig.Entry(**fields)  # type: ignore[arg-type]
+    assert str(caught.value).startswith(f"refusing to write {says}")
+    assert "\n" not in str(caught.value)
+    assert not files.config_path().exists()
+
+
+def test_paths_with_spaces_and_quotes_parse_back_exactly(home: Path, tmp_path: Path) -> None:
+    """What lenslab writes, the real OpenSSH client reads back as the same values."""
+    key = tmp_path / "my keys" / "o'brien #1" / "id_ed25519"
+    entry = sshconfig.Entry("lenslab-a", "fe80::1", 2222, "first.last", key, "/data/my lab")
+    sshconfig.add(entry)
+    parsed = _ssh_g(home / ".ssh" / "config", "lenslab-a")
+    assert parsed["hostname"] == ["fe80::1"]
+    assert parsed["user"] == ["first.last"]
+    assert parsed["port"] == ["2222"]
+    assert parsed["identityfile"] == [str(key)]
+    assert parsed["userknownhostsfile"] == [str(files.known_hosts_path())]
+    assert parsed["stricthostkeychecking"] == ["true"]
+    assert sshconfig.recorded_root("lenslab-a") == "/data/my lab"
+
+
+def test_a_hand_edited_root_line_is_not_believed(home: Path) -> None:
+    sshconfig.add(_entry("a"))
+    text = files.config_path().read_text().replace("    HostName", "    # lenslab-root relative/x\n    HostName")
+    files.config_path().write_text(text)
+    assert sshconfig.recorded_root("lenslab-a") is None

@@ -11,7 +11,7 @@ set -euo pipefail
 IMAGE=${LENSLAB_TEST_IMAGE:-lenslab-test-vm:bookworm-1}
 STATE_DIR=${LENSLAB_SERVICES_DIR:-/tmp/lenslab-services}
 SUITE=bookworm
-PACKAGES=(openssh-client openssh-server docker.io debootstrap shellcheck ca-certificates)
+PACKAGES=(openssh-client openssh-server docker.io debootstrap shellcheck ca-certificates chromium)
 
 die() { echo "services: error: $*" >&2; exit 1; }
 log() { echo "services: $*"; }

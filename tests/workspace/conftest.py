@@ -154,3 +154,35 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     result = run_train(write_run_file(tmp / "run.toml"), tmp / "runs")
     assert result.returncode == 0, result.stderr
     return final_weights(tmp / "runs" / "t")
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with its content hash (directories as "dir"): equal digests
+    mean a byte-identical tree."""
+    import hashlib
+
+    digest: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        digest[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest
+
+
+def train_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``lenslab-train`` run in this process (fast: no interpreter or torch start-up): exit code, stderr."""
+    from lenslab_workspace.train.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="session")
+def existing_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A runs directory holding one short finished run 't' (and its run file): what a refused
+    launch must leave byte-identical."""
+    tmp = tmp_path_factory.mktemp("existing")
+    run_file = write_run_file(tmp / "run.toml", {"training_tokens": 10_240})
+    result = run_train(run_file, tmp / "runs")
+    assert result.returncode == 0, result.stderr
+    return tmp / "runs", run_file

@@ -106,3 +106,51 @@ def test_unsupported_file_type(tmp_path: Path) -> None:
         f"dataset_path {path}: unsupported file type '.csv'; use one of .jsonl, .json, .parquet, .arrow "
         "or a saved dataset directory"
     )
+
+
+def test_token_array_is_keyed_by_content_not_path_or_mtime(tmp_path: Path) -> None:
+    """A re-uploaded dataset (new mtime, or another path) finds the array tokenized before;
+    only a change of content tokenizes again."""
+    import os
+
+    rows = token_rows(20)
+    first = tmp_path / "a" / "toks.jsonl"
+    first.parent.mkdir()
+    first.write_text("\n".join(json.dumps({"tokens": r}) for r in rows))
+    data = tmp_path / "data"
+    materialize_tokens(runner(first), None, None, data, "t", limit=1000)
+    made = sorted(p.name for p in data.glob("tokens-*.npy"))
+    assert len(made) == 1
+
+    os.utime(first, (1_000_000, 1_000_000))  # an upload that changed only the mtime
+    second = tmp_path / "b" / "toks.jsonl"  # and an upload to another place
+    second.parent.mkdir()
+    second.write_bytes(first.read_bytes())
+    for path in (first, second):
+        (data / made[0]).touch()
+        materialize_tokens(runner(path), None, None, data, "t", limit=1000)
+        assert sorted(p.name for p in data.glob("tokens-*.npy")) == made
+
+    second.write_text("\n".join(json.dumps({"tokens": r}) for r in token_rows(21)))
+    materialize_tokens(runner(second), None, None, data, "t", limit=1000)
+    assert len(list(data.glob("tokens-*.npy"))) == 2
+    # Hashes are remembered by (size, mtime): an unchanged file is not read again.
+    cache = json.loads((data / "dataset-hashes.json").read_text())
+    assert {str(first.resolve()), str(second.resolve())} <= cache.keys()
+
+
+def test_content_hash_is_not_recomputed_for_an_unchanged_file(tmp_path: Path) -> None:
+    from lenslab_workspace.train.data import content_hash
+
+    path = tmp_path / "toks.jsonl"
+    path.write_text("x" * 100)
+    data = tmp_path / "data"
+    real = content_hash(path, data)
+    # Poison the cache entry: a cached hash for the same (size, mtime) is believed, so reading
+    # it back proves the file was not hashed again.
+    cache = json.loads((data / "dataset-hashes.json").read_text())
+    cache[str(path.resolve())]["sha256"] = "0" * 64
+    (data / "dataset-hashes.json").write_text(json.dumps(cache))
+    assert content_hash(path, data) != real
+    path.write_text("y" * 101)  # new size: hashed again
+    assert content_hash(path, data) == content_hash(path, tmp_path / "no-cache")

@@ -24,7 +24,10 @@ SCHEMA_KEYS = {
     "last_checkpoint",
     "resumed_from_step",
     "message",
+    "mirror",
     "pid",
+    "boot_id",
+    "pid_start_ticks",
     "hostname",
     "started_at",
     "updated_at",
@@ -66,3 +69,25 @@ def test_status_while_running_and_after_finishing(tmp_path: Path) -> None:
     again = run_train(run_file, runs)
     assert again.returncode == 0
     assert "run 't' already finished; the SAE is in" in again.stderr
+
+
+def test_is_alive_tells_a_live_trainer_from_a_dead_one(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from lenslab_workspace.train.status import is_alive
+
+    status = StatusFile(tmp_path / "status.json", "x", 100)
+    status.update(state="running")
+    status.write()
+    mine = json.loads((tmp_path / "status.json").read_text())
+    assert mine["boot_id"] and mine["pid_start_ticks"]
+    assert is_alive(mine) is True
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert is_alive({**mine, "pid": int(gone.stdout)}) is False  # exited: killed launches look like this
+    assert is_alive({**mine, "pid_start_ticks": mine["pid_start_ticks"] - 1}) is False  # pid reused
+    assert is_alive({**mine, "boot_id": "another-boot"}) is False  # the machine rebooted
+    assert is_alive({**mine, "state": "finished"}) is False
+    assert is_alive({**mine, "hostname": socket.gethostname() + "-elsewhere"}) is None

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from lenslab.config import Config
+    from lenslab.providers.base import Provider
     from lenslab.records import Box, OutputSink
     from lenslab.remote.bootstrap import Runner
 
@@ -29,37 +30,27 @@ def up(args: argparse.Namespace) -> int:
     Example:
       lenslab up
       lenslab up --json | jq .bootstrap.changed
+      lenslab up --cheapest        # the cheapest offer matching [box], after asking
     """
     from lenslab import sshconfig
-    from lenslab.cli.labctx import bring_up
-    from lenslab.providers.base import provider_for
-    from lenslab.remote.bootstrap import bootstrap
+    from lenslab.providers.base import add_note
 
     cfg = load_config(args)
     progress = Progress(quiet=args.json)
-    provider = provider_for(cfg.box, assume_yes=args.yes)
-    with progress.step(f"finding box {cfg.box.name} ({cfg.box.provider})"):
-        box = provider.launch(cfg.box)
-    _check_identity(box.identity_file, cfg.path)
-    where = f"{box.user}@{box.host}:{box.port}" if box.host else "this machine"
-    with progress.step(f"connecting to {where}"):
-        runner = provider.connect(box, attempts=args.attempts)
+    provider, box = _launch(args, cfg, progress)
     try:
-        with progress.step("bootstrapping (Docker, GPU, persistent root)") as show:
-            summary = bootstrap(runner, box.root, cfg.box.gpu, cfg.box.min_free_gb, on_output=_bootstrap_lines(show))
-        if not args.no_containers:
-            if any("to group" in change for change in summary.get("changed", [])):
-                # A new group membership reaches only sessions opened after it was added.
-                runner.close()
-                runner = provider.connect(box, attempts=args.attempts)
-            with progress.step("image and dev container") as show:
-                summary["lab"] = bring_up(cfg, runner, summary.get("root") or box.root, show)
-        with progress.step("autostop watcher"):
-            autostop = _install_autostop(provider, cfg, box, runner)
-        if autostop is not None:
-            summary["autostop"] = autostop
-    finally:
-        runner.close()
+        summary = _make_ready(args, cfg, provider, box, progress)
+    except BaseException as exc:
+        # The instance bills whether or not lenslab could set it up: say so, and how to stop it.
+        note = provider.still_billing(box)
+        if note is not None:
+            from lenslab.errors import LenslabError
+
+            if isinstance(exc, LenslabError):
+                add_note(exc, note)
+            else:
+                _warn_always(progress, note)
+        raise
     if "skipped" in summary.get("lab", {}):
         progress.warn(summary["lab"]["skipped"])
     for warning in summary.get("warnings", []):
@@ -75,14 +66,74 @@ def up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _install_autostop(provider: Any, cfg: Config, box: Box, runner: Runner) -> dict[str, Any] | None:
+def _launch(args: argparse.Namespace, cfg: Config, progress: Progress) -> tuple[Provider, Box]:
+    """The box's provider and its box: the live one or a new one; with --cheapest, the cheapest
+    offer that matches [box], shown and agreed to first."""
+    from lenslab.providers.base import provider_for
+
+    provider = provider_for(cfg.box, assume_yes=args.yes)
+    if not args.cheapest:
+        with progress.step(f"finding box {cfg.box.name} ({cfg.box.provider})"):
+            return provider, provider.launch(cfg.box)
+    from lenslab.cli.offers import cheapest_match, confirm_offer
+
+    with progress.step(f"finding the cheapest {cfg.box.provider} offer"):
+        offer = cheapest_match(cfg.box, provider)
+    confirm_offer(provider.name, offer, args.yes)  # outside the spinner, which would hide it
+    # The user agreed to this offer and its price: that is the consent to launch it.
+    provider = provider_for(cfg.box, assume_yes=True)
+    with progress.step(f"launching {offer.gpu_name} on {cfg.box.provider}"):
+        return provider, provider.launch_offer(cfg.box, offer)
+
+
+def _make_ready(
+    args: argparse.Namespace, cfg: Config, provider: Provider, box: Box, progress: Progress
+) -> dict[str, Any]:
+    """Connect, install the autostop watcher at once (so a box left behind by a failure below
+    still stops itself), bootstrap, then the image and dev container."""
+    from lenslab.remote.bootstrap import bootstrap
+    from lenslab.remote.labsession import bring_up
+
+    _check_identity(box.identity_file, cfg.path)
+    where = f"{box.user}@{box.host}:{box.port}" if box.host else "this machine"
+    with progress.step(f"connecting to {where}"):
+        runner = provider.connect(box, attempts=args.attempts)
+    try:
+        with progress.step("autostop watcher"):
+            autostop = _install_autostop(provider, cfg, box, runner)
+        with progress.step("bootstrapping (Docker, GPU, persistent root)") as show:
+            summary = bootstrap(runner, box.root, cfg.box.gpu, cfg.box.min_free_gb, on_output=_bootstrap_lines(show))
+        if autostop is not None:
+            summary["autostop"] = autostop
+        if not args.no_containers:
+            if any("to group" in change for change in summary.get("changed", [])):
+                # A new group membership reaches only sessions opened after it was added.
+                runner.close()
+                runner = provider.connect(box, attempts=args.attempts)
+            with progress.step("image and dev container") as show:
+                summary["lab"] = bring_up(cfg, runner, summary.get("root") or box.root, show)
+    finally:
+        runner.close()
+    return summary
+
+
+def _warn_always(progress: Progress, text: str) -> None:
+    """A warning about money is shown even with --json (on stderr, so the JSON stays clean)."""
+    import sys
+
+    if progress.quiet:
+        print(f"lenslab: warning: {text}", file=sys.stderr)
+    else:
+        progress.warn(text)
+
+
+def _install_autostop(provider: Provider, cfg: Config, box: Box, runner: Runner) -> dict[str, Any] | None:
     """Install or update the box's idle watcher (see lenslab.remote.autostop for which boxes)."""
     from lenslab.remote import autostop
 
-    inputs = getattr(provider, "autostop_inputs", None)
-    launch, api_url, api_key = inputs(cfg.box) if inputs else (None, None, None)
-    settings = autostop.watcher_config(cfg.box, box, launch, api_url)
-    return None if settings is None else autostop.install(runner, settings, api_key)
+    inputs = provider.autostop_inputs(cfg.box)
+    settings = autostop.watcher_config(cfg.box, box, provider.capabilities.autostop, inputs.settings)
+    return None if settings is None else autostop.install(runner, settings, inputs.api_key, inputs.key_name)
 
 
 def _bootstrap_lines(show: Callable[[str], None]) -> OutputSink:
@@ -124,13 +175,14 @@ def down(args: argparse.Namespace) -> int:
     """Stop lenslab's containers on the box and remove its ssh config entry; keep all data.
 
     The persistent root (workspace/, checkpoints/, hf-cache/, runs/) stays on the box. An
-    unreachable box still loses its ssh entry, so `down` always succeeds.
+    unreachable box still loses its ssh entry, so `down` always succeeds. A cloud box is
+    always terminated (every instance lenslab has for it, in any state), even when SSH to it
+    fails; then its training was not checkpointed, and `down` says so.
 
     Example:
       lenslab down
     """
     from lenslab import sshconfig
-    from lenslab.errors import HostUnreachable
     from lenslab.providers.base import provider_for
 
     cfg = load_config(args)
@@ -147,33 +199,24 @@ def down(args: argparse.Namespace) -> int:
             f"box {cfg.box.name} is not running; nothing to stop" + (f"; deleted {purged}" if purged else ""),
         )
         return 0
-    stopped: list[str] = []
-    reachable = True
-    try:
-        with progress.step("stopping lenslab containers"):
-            runner = provider.connect(box, attempts=1)
-            try:
-                stopped = _stop_containers(runner, box.name)
-            finally:
-                runner.close()
-    except HostUnreachable as exc:
-        reachable = False
-        progress.warn(f"{exc}; its containers were left as they are")
-    provider.terminate(box)
+    # A rented box bills until it is terminated; a machine of the user's own is left running.
+    terminates = provider.capabilities.rents_machines
+    stopped, ssh_error = _stop_on_box(provider, box, progress, terminates)
+    with progress.step("terminating the instance" if terminates else "removing the ssh entry"):
+        provider.terminate(box)
     removed = sshconfig.remove(box.alias) if box.host else False
     purged = _purge(cfg, args) if args.purge else None
-    kept = f"deleted {purged}" if purged else f"data kept in {box.root}"
-    if box.provider == "lambda" and not purged:
-        kept += " (the file system stays, billed by Lambda per GB-month; `lenslab down --purge` deletes it)"
-    terminated = "terminated the instance, " if box.provider == "lambda" else ""
+    kept = f"deleted {purged}" if purged else f"data kept in {box.root}{provider.kept_note()}"
+    terminated = "terminated the instance, " if terminates else ""
     emit(
         args,
         {
             "box": box.name,
-            "reachable": reachable,
+            "reachable": ssh_error is None,
+            "ssh_error": ssh_error,
             "stopped": stopped,
             "ssh_entry_removed": removed,
-            "terminated": box.provider == "lambda",
+            "terminated": terminates,
             "purged": purged,
         },
         f"box {box.name} is down: {terminated}stopped {len(stopped)} container(s)"
@@ -182,26 +225,41 @@ def down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_box(provider: Provider, box: Box, progress: Progress, terminates: bool) -> tuple[list[str], str | None]:
+    """Stop lenslab's containers (training checkpoints on the way out); the containers stopped,
+    and why SSH failed if it did. For a box about to be terminated any SSH failure is only a
+    warning; for another box only an unreachable one is."""
+    from lenslab.errors import HostUnreachable, LenslabError
+
+    try:
+        with progress.step("stopping lenslab containers"):
+            runner = provider.connect(box, attempts=1)
+            try:
+                return _stop_containers(runner, box.name), None
+            finally:
+                runner.close()
+    except Exception as exc:  # for a box that bills, whatever went wrong: terminate it anyway
+        if not terminates and not isinstance(exc, HostUnreachable):
+            raise
+        why = str(exc) if isinstance(exc, LenslabError) else f"{type(exc).__name__}: {exc}"
+        why = " ".join(why.split())  # one line, whatever the exception carried
+        if terminates:
+            _warn_always(
+                progress,
+                f"could not stop training on the box ({why}): training was not checkpointed; "
+                "terminating the instance anyway",
+            )
+        else:
+            progress.warn(f"{why}; its containers were left as they are")
+        return [], why
+
+
 def _purge(cfg: Config, args: argparse.Namespace) -> str | None:
-    """Delete the lambda box's file system (all its data) after an explicit yes."""
-    from lenslab.errors import ProviderError
+    """Delete the box's persistent volume (all its data) after an explicit yes; providers
+    without one refuse in one line."""
+    from lenslab.providers.base import provider_for
 
-    if cfg.box.provider != "lambda":
-        raise ProviderError(
-            f"--purge deletes a cloud file system; box {cfg.box.name} is {cfg.box.provider}",
-            f"delete the data in {cfg.box.persistent_root} on the box yourself if you mean to",
-        )
-    from lenslab.providers.lambda_cloud.provider import client_from_environment
-
-    client = client_from_environment()
-    name = f"lenslab-{cfg.box.project or cfg.box.name}"
-    fs = next((f for f in client.file_systems() if f.name == name), None)
-    if fs is None:
-        return None
-    if not args.yes and not _ask(f"delete file system {name} in {fs.region} and ALL data on it? [y/N] "):
-        raise ProviderError(f"file system {name} was not deleted", "re-run with --purge --yes to delete it")
-    client.delete_file_system(fs.id)
-    return f"file system {name}"
+    return provider_for(cfg.box).purge(cfg.box, _ask, bool(args.yes))
 
 
 def _ask(question: str) -> bool:
@@ -225,6 +283,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--attempts", type=int, default=6, help="connection attempts while the box boots (default: 6)")
     parser.add_argument("--no-containers", action="store_true", help="bootstrap only: no image, no dev container")
     parser.add_argument("--yes", action="store_true", help="accept a cloud launch and its price without asking")
+    parser.add_argument(
+        "--cheapest",
+        action="store_true",
+        help="launch the cheapest offer matching box.gpu_types, min_vram_gb, regions, max_price_per_hour",
+    )
     parser = add_command(commands, "down", down)
-    parser.add_argument("--purge", action="store_true", help="lambda: also delete the file system and its data")
+    parser.add_argument(
+        "--purge", action="store_true", help="cloud boxes: also delete the persistent volume and its data"
+    )
     parser.add_argument("--yes", action="store_true", help="with --purge: delete without asking")

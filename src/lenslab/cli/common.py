@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from lenslab.config import Config
@@ -86,3 +86,37 @@ def emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
         sys.stdout.write("\n")
     else:
         print(text)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line (as every other lenslab error is)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lenslab: error: {one_line(message)}; see `{self.prog} --help`\n")
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped: whatever a message
+    quotes (a value from a file, a name the box printed) cannot add lines or move the cursor."""
+    from lenslab.values import bad_char
+
+    if bad_char(text) is None:
+        return text
+    return "".join(ch if bad_char(ch) is None else (ascii(ch)[1:-1]) for ch in text)
+
+
+def run_name(value: str) -> str:
+    """argparse ``type=`` for a run name: the one pattern the box uses for directories too."""
+    from lenslab import contract
+
+    if not contract.is_run_name(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a run name ({contract.RUN_NAME_HELP})")
+    return value
+
+
+def box_name(value: str) -> str:
+    from lenslab import values
+
+    if values.BOX_NAME.fullmatch(value) is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a box name ({values.BOX_NAME_HELP})")
+    return value

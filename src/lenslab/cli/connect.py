@@ -79,7 +79,9 @@ def code(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     box = cfg.box
     root = box.persistent_root
-    if box.provider == "local":
+    from lenslab.providers.registry import provider_class
+
+    if provider_class(box.provider).capabilities.this_machine:
         workspace = str(Path(root).expanduser() / "workspace")
         command = ["code", workspace]
     else:

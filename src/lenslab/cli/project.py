@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lenslab.cli.common import add_command, emit
+from lenslab.cli.common import add_command, box_name, emit
 
 
 def init(args: argparse.Namespace) -> int:
@@ -19,11 +19,15 @@ def init(args: argparse.Namespace) -> int:
       lenslab init --name here --provider local --gpu optional
     """
     from lenslab import config, files, sshconfig
+    from lenslab.errors import ConfigError
 
     path = Path(args.config) if args.config else Path.cwd() / config.CONFIG_NAME
-    config.write_starter(path, args.name, args.provider, args.gpu)
+    if path.exists() or path.is_symlink():
+        raise ConfigError(f"{path} already exists", "edit it, or delete it to start over")
+    # The key first: a HOME lenslab cannot write then fails before any lenslab.toml exists.
     files.ensure_dirs()
     key = sshconfig.ensure_keypair()
+    config.write_starter(path, args.name, args.provider, args.gpu)
     emit(
         args,
         {"config": str(path), "key": str(key), "public_key": str(key) + ".pub"},
@@ -34,6 +38,16 @@ def init(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(commands, "init", init)
-    parser.add_argument("--name", default="gpu", help="box name; ssh alias lenslab-<name> (default: gpu)")
-    parser.add_argument("--provider", choices=["ssh", "local", "lambda"], default="ssh")
+    parser.add_argument(
+        "--name", type=box_name, default="gpu", help="box name; ssh alias lenslab-<name> (default: gpu)"
+    )
+    from lenslab.providers import registry
+
+    names = registry.names()
+    parser.add_argument(
+        "--provider",
+        choices=names,
+        default=registry.DEFAULT_PROVIDER,
+        help=f"where the box is: {', '.join(names)} (default: {registry.DEFAULT_PROVIDER})",
+    )
     parser.add_argument("--gpu", choices=["required", "optional", "none"], default="optional")

@@ -17,7 +17,7 @@ def status(args: argparse.Namespace) -> int:
       lenslab status
       lenslab status --json | jq .gpus
     """
-    from lenslab.errors import RemoteError
+    from lenslab.errors import ProviderError, RemoteError
     from lenslab.providers.base import provider_for
     from lenslab.remote import autostop
     from lenslab.remote.bootstrap import status as box_status
@@ -31,9 +31,11 @@ def status(args: argparse.Namespace) -> int:
         emit(args, data, f"box {cfg.box.name}: not running (`lenslab up` starts it)")
         return 0
     data = {"box": box.name, "provider": box.provider, "alias": box.alias}
-    cost = getattr(provider, "cost", None)
-    if cost is not None:
-        data["cost"] = _with_budget(cost(box.name, None), cfg.box.budget_usd)
+    if provider.capabilities.cost:
+        data["cost"] = _with_budget(provider.cost(box.name), cfg.box.budget_usd)
+    if provider.capabilities.rents_machines:
+        # Every instance lenslab has for this box that is not terminated: all of them bill.
+        data["instances"] = provider.instances_seen()
     try:
         # One try: status answers "is it up?", it does not wait for a booting box.
         runner = provider.connect(box, attempts=1)
@@ -42,12 +44,14 @@ def status(args: argparse.Namespace) -> int:
             watcher = autostop.read_state(runner)
         finally:
             runner.close()
-    except RemoteError as exc:
+    except (RemoteError, ProviderError) as exc:
+        # ProviderError: a cloud instance that has no IP address yet.
         data.update(reachable=False, error=str(exc))
-        emit(args, data, f"box {box.name}: unreachable: {exc}")
-        return exc.exit_code
+        emit(args, data, f"box {box.name}: unreachable: {exc}" + _instances_text(data, "\n  "))
+        return RemoteError.exit_code
     data.update(reachable=True, **facts, autostop=watcher, autostop_text=autostop.describe(watcher))
-    if box.provider == "lambda" and cfg.box.autostop == "laptop" and watcher and watcher.get("acted"):
+    rented = provider.capabilities.rents_machines
+    if rented and cfg.box.autostop == "laptop" and watcher and watcher.get("acted"):
         # The box found itself idle but holds no key to stop itself: the laptop does it.
         provider.terminate(box)
         data["terminated"] = True
@@ -60,7 +64,7 @@ BUDGET_WARN_FRACTION = 0.8
 
 
 def _with_budget(cost: dict[str, Any] | None, budget: float | None) -> dict[str, Any] | None:
-    if cost is None or budget is None:
+    if cost is None or budget is None or cost["cost_usd"] is None:
         return cost
     used = cost["cost_usd"] / budget
     warning = None
@@ -70,10 +74,11 @@ def _with_budget(cost: dict[str, Any] | None, budget: float | None) -> dict[str,
 
 
 def _cost_line(cost: dict[str, Any]) -> str:
-    line = (
-        f"cost:   ${cost['price_per_hour_usd']:.2f}/hour ({cost['instance_type']}, {cost['region']}), "
-        f"{cost['billed_hours']:.2f} h so far = ${cost['cost_usd']:.2f}"
-    )
+    line = f"cost:   ${cost['price_per_hour_usd']:.2f}/hour ({cost['instance_type']}, {cost['region']})"
+    if cost["cost_usd"] is not None:
+        line += f", {cost['billed_hours']:.2f} h so far = ${cost['cost_usd']:.2f}"
+    else:
+        line += ", launched elsewhere: hours so far unknown"
     if cost.get("budget_warning"):
         line += f"\n  warning: {cost['budget_warning']}"
     return line
@@ -96,7 +101,16 @@ def _text(d: dict[str, Any]) -> str:
         ]
         + ([f"  {_cost_line(d['cost'])}"] if d.get("cost") else [])
         + [f"  autostop: {d['autostop_text']}"]
-    )
+    ) + _instances_text(d, "\n  ")
+
+
+def _instances_text(d: dict[str, Any], prefix: str) -> str:
+    """A line only when something needs attention: more than one instance, or one not active."""
+    instances = d.get("instances") or []
+    if len(instances) <= 1 and all(i["status"] == "active" for i in instances):
+        return ""
+    listed = ", ".join(f"{i['id']} {i['status']} (${i['price_per_hour_usd']:.2f}/hour)" for i in instances)
+    return f"{prefix}instances: {listed}; `lenslab down` terminates them all"
 
 
 def _gib(kb: int) -> str:

@@ -8,49 +8,67 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lenslab.cli.common import add_command, emit, load_config
+from lenslab.cli.common import add_command, emit, load_config, run_name
 
 
 def train(args: argparse.Namespace) -> int:
     """Start a training run on the box, detached: it survives a closed laptop or a dropped link.
 
-    The run file is validated here first; a bad one uploads nothing. The run restarts itself
-    after a crash and resumes from its newest checkpoint; the same name on a new box with the
-    same persistent root continues it.
+    The run file is validated here first; a bad one uploads nothing. `train` returns once the
+    trainer on the box has reported in (or says why it did not, with its last log lines). The
+    run restarts itself after a crash and resumes from its newest checkpoint; the same name on
+    a new box with the same persistent root continues it.
 
     Example:
       lenslab train workspace/configs/tiny.toml
       lenslab train run.toml --name sweep-1 && lenslab logs sweep-1 -f
     """
     from lenslab import runfile
-    from lenslab.cli.labctx import open_lab
+    from lenslab.cli.common import one_line
     from lenslab.remote import training
+    from lenslab.remote.labsession import open_lab
 
     run = runfile.load(Path(args.run_file), args.name)
     cfg = load_config(args)
     with open_lab(cfg) as session:
         container = training.start(session.client, session.runner, session.lab, run)
+        try:
+            status = training.wait_started(session.client, session.runner, session.lab, run.name, args.wait)
+        except training.RunDidNotStart as exc:
+            # One line, then what the container said last: usually the reason.
+            print(f"lenslab: error: {one_line(str(exc))}", file=sys.stderr)
+            for line in exc.tail:
+                print(f"  | {line}", file=sys.stderr)
+            return exc.exit_code
+    resumed = status.get("resumed_from_step")
+    how = f"resumed from step {int(resumed)}" if resumed is not None else str(status.get("state"))
+    if status.get("state") == "finished":
+        how = "it had finished already"
     emit(
         args,
-        {"run": run.name, "container": container.name, "box": cfg.box.name},
-        f"run {run.name} started on box {cfg.box.name} ({container.name})\n"
+        {"run": run.name, "container": container.name, "box": cfg.box.name, "state": status.get("state"),
+         "resumed_from_step": resumed},
+        f"run {run.name} started on box {cfg.box.name} ({container.name}, {how})\n"
         f"follow: lenslab logs {run.name} -f    status: lenslab runs    stop: lenslab stop {run.name}",
-    )
+    )  # fmt: skip
     return 0
 
 
 def runs(args: argparse.Namespace) -> int:
     """List the runs on the box: state, progress, tokens/s, ETA, last checkpoint age.
 
+    The state comes from the run's container when status.json cannot know it: a container
+    that exited (with its exit code), keeps restarting, or is gone with its box.
+
     Example:
       lenslab runs
       lenslab runs --json | jq '.[].state'
     """
-    from lenslab.cli.labctx import open_lab
     from lenslab.remote import training
+    from lenslab.remote.labsession import open_lab
 
     with open_lab(load_config(args)) as session:
-        found = training.statuses(session.runner, session.lab)
+        found = training.box_runs(session.runner, session.lab)
     now = time.time()
     rows = [_row(status, now) for status in found]
     header = ("RUN", "STATE", "PROGRESS", "TOK/S", "ETA", "CHECKPOINT")
@@ -63,19 +81,36 @@ def runs(args: argparse.Namespace) -> int:
 
 
 def _row(status: dict[str, Any], now: float) -> tuple[str, ...]:
-    state = str(status.get("state"))
-    container = status.get("container")
-    # status.json says "running" forever when its box died; the container knows better.
-    if state in ("running", "starting") and container not in ("running", "restarting", "created"):
-        state = "lost" if container is None else f"stopped ({container})"
+    state = run_state(status)
     done, total = status.get("tokens_done") or 0, status.get("tokens_total") or 0
-    progress = f"{100 * done / total:.0f}% of {total:,}" if total else "-"
+    progress = f"{100 * done / total:.0f}% of {int(total):,}" if total else "-"
     rate = status.get("tokens_per_second")
     eta = status.get("eta_seconds")
     ckpt = status.get("last_checkpoint")
     ckpt_text = f"step {ckpt['step']}, {_age(now - ckpt['time'])} ago" if ckpt else "-"
     return (str(status.get("name")), state, progress, f"{rate:,.0f}" if rate else "-",
             _age(eta) if eta is not None and state == "running" else "-", ckpt_text)  # fmt: skip
+
+
+def run_state(status: dict[str, Any]) -> str:
+    """What the run is doing, by its status.json and its container together: status.json says
+    "running" forever when its container died, and nothing at all when it died starting."""
+    state = str(status.get("state"))
+    container = status.get("container")
+    if container is None:
+        return "lost" if state in ("running", "starting") else state
+    restarts = f", restarted {container['restarts']}x" if container["restarts"] else ""
+    # A status older than the container is the previous launch's: it says nothing of this one.
+    current = (status.get("started_at") or 0) >= container["created"]
+    if container["state"] == "restarting":
+        return f"restarting (exit {container['exit_code']}{restarts})"
+    if container["state"] in ("running", "created"):
+        return (state if current else "starting") + (f" ({restarts[2:]})" if restarts else "")
+    if not current:
+        return f"exited ({container['exit_code']}) before starting"
+    if state in ("running", "starting"):
+        return f"exited ({container['exit_code']})"
+    return state
 
 
 def _age(seconds: float) -> str:
@@ -93,8 +128,8 @@ def logs(args: argparse.Namespace) -> int:
     Example:
       lenslab logs tiny -f
     """
-    from lenslab.cli.labctx import open_lab
     from lenslab.remote.follow import Follower
+    from lenslab.remote.labsession import open_lab
 
     cfg = load_config(args)
 
@@ -110,9 +145,9 @@ def stop(args: argparse.Namespace) -> int:
     Example:
       lenslab stop tiny
     """
-    from lenslab.cli.labctx import open_lab
     from lenslab.errors import LenslabError
     from lenslab.remote import training
+    from lenslab.remote.labsession import open_lab
 
     with open_lab(load_config(args)) as session:
         code = training.stop(session.client, args.run_name)
@@ -134,7 +169,7 @@ def pull(args: argparse.Namespace) -> int:
     Example:
       lenslab pull tiny
     """
-    from lenslab.cli.labctx import open_lab
+    from lenslab.remote.labsession import open_lab
     from lenslab.remote.pull import pull as pull_run
     from lenslab.remote.training import Paths
 
@@ -158,9 +193,9 @@ def jupyter(args: argparse.Namespace) -> int:
     Example:
       lenslab jupyter --open
     """
-    from lenslab.cli.labctx import open_lab
     from lenslab.errors import LenslabError
     from lenslab.remote import lab as labs
+    from lenslab.remote.labsession import open_lab
 
     with open_lab(load_config(args)) as session:
         container = labs.find(session.client, session.lab.dev_name())
@@ -194,15 +229,17 @@ def _serve_url(args: argparse.Namespace, port: int, token: str, tunnel: Any) -> 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(commands, "train", train)
     parser.add_argument("run_file", metavar="RUN.toml", help="the run file (lenslab-train's format)")
-    parser.add_argument("--name", help="run name (default: the file's `name`)")
+    parser.add_argument("--name", type=run_name, help="run name (default: the file's `name`)")
+    parser.add_argument("--wait", type=float, default=150.0, metavar="SECONDS",
+                        help="how long to wait for the trainer to report in (default: 150)")  # fmt: skip
     add_command(commands, "runs", runs)
     parser = add_command(commands, "logs", logs, json_flag=False)
-    parser.add_argument("run_name", metavar="NAME")
+    parser.add_argument("run_name", metavar="NAME", type=run_name)
     parser.add_argument("-f", "--follow", action="store_true", help="keep following; reconnects by itself")
     parser = add_command(commands, "stop", stop)
-    parser.add_argument("run_name", metavar="NAME")
+    parser.add_argument("run_name", metavar="NAME", type=run_name)
     parser = add_command(commands, "pull", pull)
-    parser.add_argument("run_name", metavar="NAME")
+    parser.add_argument("run_name", metavar="NAME", type=run_name)
     parser.add_argument("--dest", help="local directory (default: ./runs/NAME)")
     parser = add_command(commands, "jupyter", jupyter, json_flag=False)
     parser.add_argument("--port", type=int, default=0, help="local port (default: any free one)")

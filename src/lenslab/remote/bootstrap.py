@@ -14,6 +14,7 @@ import threading
 from importlib import resources
 from typing import Any, Protocol
 
+from lenslab import values
 from lenslab.errors import (
     BootstrapError,
     CommandFailed,
@@ -24,6 +25,7 @@ from lenslab.errors import (
     UnsupportedOS,
 )
 from lenslab.records import OutputSink, RunResult
+from lenslab.remote.transfer import Sink, Source, local_get, local_put
 
 # The script's "lenslab-error[<kind>]: ..." line, and the error each kind becomes.
 _ERROR_LINE = re.compile(r"^lenslab-error\[(?P<kind>[a-z-]+)\]: (?P<message>.+)$", re.MULTILINE)
@@ -37,6 +39,8 @@ ERROR_KINDS: dict[str, type[BootstrapError]] = {
 
 
 class Runner(Protocol):
+    """How lenslab acts on a box: ``SSHLink`` for a remote one, ``LocalRunner`` for this machine."""
+
     def run(
         self,
         command: str,
@@ -45,6 +49,12 @@ class Runner(Protocol):
         on_output: OutputSink | None = None,
         check: bool = False,
     ) -> RunResult: ...
+
+    def put(self, source: Source, remote_path: str, mode: int = 0o644) -> None:
+        """Write ``source`` to ``remote_path`` atomically, streamed in chunks."""
+
+    def get(self, remote_path: str, dest: Sink) -> int:
+        """Copy ``remote_path`` into ``dest`` in chunks; the number of bytes."""
 
     def close(self) -> None: ...
 
@@ -91,6 +101,12 @@ class LocalRunner:
             raise CommandFailed(f"`{command}` exited {proc.returncode}: {err.strip()}", proc.returncode)
         return RunResult(proc.returncode, out, err)
 
+    def put(self, source: Source, remote_path: str, mode: int = 0o644) -> None:
+        local_put(source, remote_path, mode)
+
+    def get(self, remote_path: str, dest: Sink) -> int:
+        return local_get(remote_path, dest)
+
     def close(self) -> None:
         """Nothing to close: every command is its own process."""
 
@@ -116,9 +132,12 @@ def run_script(
         raise BootstrapError(f"{name} failed on the box (exit {result.exit_status}): {tail}")
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     try:
-        return json.loads(lines[-1])
+        summary = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError) as exc:
-        raise BootstrapError(f"{name} printed no JSON summary; got: {lines[-1:]!r}") from exc
+        raise BootstrapError(f"{name} printed no JSON summary; got: {ascii(lines[-1:])[:200]}") from exc
+    if not isinstance(summary, dict):
+        raise BootstrapError(f"{name} printed a summary that is no JSON object: {ascii(lines[-1])[:200]}")
+    return summary
 
 
 def bootstrap(
@@ -126,7 +145,57 @@ def bootstrap(
 ) -> dict[str, Any]:
     env = {"LENSLAB_ROOT": root, "LENSLAB_GPU": gpu, "LENSLAB_MIN_FREE_GB": str(min_free_gb)}
     summary: dict[str, Any] = run_script(runner, "bootstrap.sh", env, on_output)
+    problem = summary_problem(summary)
+    if problem:
+        # Its root goes into ~/.ssh/lenslab/config and every later command: believed as printed,
+        # a newline there would add OpenSSH directives on the laptop.
+        raise BootstrapError(
+            f"bootstrap.sh's summary is not what lenslab expects: {problem}",
+            "nothing was written here; check the box's login shell, ~/.bashrc and PATH",
+        )
     return summary
+
+
+# Each summary field and the JSON types it may have (bool is refused where a number is wanted).
+_SUMMARY_FIELDS: dict[str, tuple[type, ...]] = {
+    "os": (str,),
+    "os_version": (str,),
+    "gpus": (list,),
+    "driver": (str, type(None)),
+    "docker": (str,),
+    "docker_access": (str,),
+    "root": (str,),
+    "disk_free_gb": (int, float),
+    "changed": (list,),
+    "warnings": (list,),
+}
+_MAX_SUMMARY_TEXT = 1000
+
+
+def summary_problem(summary: dict[str, Any]) -> str | None:
+    """What is wrong with bootstrap.sh's summary (shape, types, the root), or None."""
+    for field, types in _SUMMARY_FIELDS.items():
+        value = summary.get(field)
+        if field not in summary or isinstance(value, bool) or not isinstance(value, types):
+            return f"{field} is {ascii(value)[:80]}, not {' or '.join(t.__name__ for t in types)}"
+    root_problem = values.path_problem(summary["root"], absolute=True, home=False)
+    if root_problem:
+        return f"root {ascii(summary['root'])[:120]} {root_problem}"
+    texts = [(f, summary[f]) for f in ("os", "os_version", "docker", "docker_access", "driver") if summary[f]]
+    for field in ("changed", "warnings"):
+        if not all(isinstance(item, str) for item in summary[field]):
+            return f"{field} holds something other than text"
+        texts += [(field, item) for item in summary[field]]
+    for gpu in summary["gpus"]:
+        if not (isinstance(gpu, dict) and isinstance(gpu.get("name"), str) and type(gpu.get("memory_mib")) is int):
+            return f"gpus holds {ascii(gpu)[:80]}, not {{name, memory_mib}}"
+        texts.append(("gpus", gpu["name"]))
+    for field, text in texts:
+        # Printed on the laptop's terminal: no line breaks, no escape sequences.
+        char = values.bad_char(text)
+        if char is not None or len(text) > _MAX_SUMMARY_TEXT:
+            return f"{field} {ascii(text)[:80]} " + (f"holds the control character {char}" if char else "is too long")
+    return None
 
 
 def status(runner: Runner, root: str, box: str) -> dict[str, Any]:

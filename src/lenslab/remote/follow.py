@@ -15,15 +15,16 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, BinaryIO
 
-from lenslab.errors import ConnectionLost, HostUnreachable
+from lenslab.contract import LOG_FILE
+from lenslab.errors import CommandFailed, ConnectionLost, HostUnreachable
 from lenslab.remote.errmap import ssh_errors
-from lenslab.remote.training import ACTIVE, container_name
+from lenslab.remote.training import ACTIVE, Paths, container_name
 
 if TYPE_CHECKING:
-    from lenslab.cli.labctx import LabSession
     from lenslab.remote.bootstrap import Runner
+    from lenslab.remote.labsession import LabSession
 
 # How long `logs -f` keeps trying to get the link back before giving up.
 RECONNECT_SECONDS = 300.0
@@ -50,7 +51,7 @@ class Follower:
         self,
         open_session: Callable[[], AbstractContextManager[LabSession]],
         name: str,
-        out: IO[bytes] | None = None,
+        out: BinaryIO | None = None,
         on_reconnect: Callable[[str], None] | None = None,
     ) -> None:
         self.open_session = open_session
@@ -104,11 +105,13 @@ class Follower:
 
     def _print_log_file(self, session: LabSession) -> None:
         """No container (the box was replaced, or the run was removed): the run's own log file."""
-        path = f"{session.lab.root}/runs/{self.name}/train.log"
-        getter: Any = getattr(session.runner, "get", None)
-        if getter is not None and not self.last:
-            self.out.write(getter(path))
-            self.out.flush()
+        if self.last:
+            return  # the container's log was printed already
+        try:
+            session.runner.get(f"{Paths(session.lab.root, self.name).run_dir}/{LOG_FILE}", self.out)
+        except CommandFailed:
+            return  # no log file either: nothing to print
+        self.out.flush()
 
 
 def _stream_command(runner: Runner, command: str, sink: Callable[[bytes], None]) -> int:

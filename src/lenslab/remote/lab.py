@@ -12,6 +12,7 @@ import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lenslab.contract import BOX_LABEL, ROLE_LABEL
 from lenslab.remote.engine import TOOLKIT_FIX, GPUNotVisible, engine_errors
 
 if TYPE_CHECKING:
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
 
     from lenslab.remote.bootstrap import Runner
 
-BOX_LABEL = "lenslab.box"
-ROLE_LABEL = "lenslab.role"
 PORT_LABEL = "lenslab.jupyter-port"
 MOUNT_POINT = "/lab"
 

@@ -1,5 +1,8 @@
 """The SSH link to a box (paramiko): connect with retries, run, put, get, forward a port.
 
+``put`` and ``get`` stream in chunks over an exec channel (``cat``), so files of any size pass
+with bounded memory and the box needs no SFTP server.
+
 Every paramiko/socket call happens inside ``errmap.ssh_errors``, so callers only ever see
 ``lenslab.errors``. Host keys are verified against lenslab's pinned known_hosts
 (``hostkeys.PinOnFirstUse`` only ever runs for a host with no key on file).
@@ -7,6 +10,7 @@ Every paramiko/socket call happens inside ``errmap.ssh_errors``, so callers only
 
 from __future__ import annotations
 
+import logging
 import select
 import shlex
 import socket
@@ -15,14 +19,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import paramiko
 
-from lenslab.errors import AuthenticationRefused, CommandFailed, HostKeyChanged, RemoteError
+from lenslab.errors import AuthenticationRefused, CommandFailed, HostKeyChanged, LenslabError, RemoteError
 from lenslab.records import OutputSink, RunResult
 from lenslab.remote import hostkeys
 from lenslab.remote.errmap import Where, ssh_errors
+from lenslab.remote.transfer import TRANSFER_CHUNK, Sink, Source, Writer, open_sink, open_source
+
+# paramiko's transport thread logs the failures it also raises (a bad banner, with a traceback);
+# with no handler Python prints those on stderr. lenslab reports them once, as one line.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 # A box that is still booting refuses connections or drops the banner for a while; these bound
 # how long `up` waits for it. Authentication and host-key errors are never retried.
@@ -34,6 +43,7 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 KEEPALIVE_SECONDS = 30
 _READ_CHUNK = 32768
 _SELECT_SECONDS = 0.2
+_STDERR_TAIL = 8192  # bytes of a transfer's stderr kept for its error message
 
 
 @dataclass(frozen=True)
@@ -125,30 +135,52 @@ class SSHLink:
             raise CommandFailed(f"`{command}` exited {status} on the box: {first}", status)
         return result
 
-    def put(self, data: bytes, remote_path: str, mode: int = 0o644) -> None:
-        """Write ``data`` to ``remote_path`` atomically (plain shell; the box needs no SFTP)."""
+    def put(self, source: Source, remote_path: str, mode: int = 0o644) -> None:
+        """Write ``source`` (bytes, a local file or a binary stream) to ``remote_path``
+        atomically, in chunks, so a large file never sits in memory (plain shell: no SFTP)."""
         path = shlex.quote(remote_path)
         tmp = shlex.quote(remote_path + ".lenslab-tmp")
-        self.run(
-            f'mkdir -p "$(dirname {path})" && cat > {tmp} && chmod {mode:o} {tmp} && mv -f {tmp} {path}',
-            stdin=data,
-            check=True,
-        )
+        command = f'mkdir -p "$(dirname {path})" && cat > {tmp} && chmod {mode:o} {tmp} && mv -f {tmp} {path}'
+        with open_source(source) as reader:
+            status, err = self._stream(command, stdin=reader, stdout=None)
+        if status != 0:
+            last = (err.strip() or "no output").splitlines()[-1]
+            raise CommandFailed(f"`{command}` exited {status} on the box: {last}", status)
 
-    def get(self, remote_path: str) -> bytes:
+    def get(self, remote_path: str, dest: Sink) -> int:
+        """Copy ``remote_path`` into ``dest`` (a local path or a binary stream) in chunks, as it
+        arrives; the number of bytes."""
+        with open_sink(dest) as writer:
+            counter = _Counting(writer)
+            status, err = self._stream(f"cat -- {shlex.quote(remote_path)}", stdin=None, stdout=counter)
+        if status != 0:
+            raise CommandFailed(f"cannot read {remote_path} on the box: {err.strip()}", status)
+        return counter.count
+
+    def _stream(self, command: str, *, stdin: BinaryIO | None, stdout: Writer | None) -> tuple[int, str]:
+        """Run ``command``, feeding ``stdin`` and writing its stdout to ``stdout`` chunk by chunk;
+        (exit status, the tail of its stderr). Memory stays at a few chunks plus the channel's window."""
+        err = bytearray()
         with ssh_errors(self.target.where):
             chan = self._transport().open_session()
             try:
-                chan.exec_command(f"cat {shlex.quote(remote_path)}")
-                chan.shutdown_write()
-                data = chan.makefile("rb").read()
+                chan.exec_command(command)
+                if stdin is not None:
+                    _feed(chan, stdin)
+                if not chan.closed:
+                    chan.shutdown_write()
+                while True:
+                    moved = _pump_out(chan, stdout, err)
+                    if not moved and chan.exit_status_ready() and chan.eof_received:
+                        break
+                    if not moved and chan.closed and not chan.status_event.is_set():
+                        raise paramiko.SSHException("the SSH session closed during the transfer")
+                    if not moved:
+                        select.select([chan], [], [], _SELECT_SECONDS)
                 status = chan.recv_exit_status()
-                err = chan.makefile_stderr("rb").read().decode(errors="replace").strip()
             finally:
                 chan.close()
-        if status != 0:
-            raise CommandFailed(f"cannot read {remote_path} on the box: {err}", status)
-        return bytes(data)
+        return status, err.decode(errors="replace")
 
     def forward(self, local_port: int, remote_host: str, remote_port: int) -> Forward:
         """Listen on 127.0.0.1:``local_port`` and tunnel each connection to the box's side."""
@@ -205,6 +237,66 @@ def _open_client(target: Target, timeout: float) -> paramiko.SSHClient:
             client.close()
             raise
     return client
+
+
+def _feed(chan: paramiko.Channel, reader: BinaryIO) -> None:
+    """Send ``reader`` to the command. One that exits before reading it all (a full disk, a
+    path it cannot write) closes the channel: feeding stops, and its exit status and stderr,
+    read next, say why, instead of a broken-pipe error naming the link."""
+    while chunk := _read_local(reader):
+        try:
+            chan.sendall(chunk)
+        except (OSError, EOFError, paramiko.SSHException):
+            if chan.closed and chan.status_event.is_set():
+                return
+            raise
+
+
+def _pump_out(chan: paramiko.Channel, stdout: Writer | None, err: bytearray) -> bool:
+    """Move what has arrived: stdout to the local sink, stderr into a bounded tail."""
+    moved = False
+    while chan.recv_ready():
+        chunk = chan.recv(_READ_CHUNK)
+        if not chunk:
+            break
+        moved = True
+        if stdout is not None:
+            _write_local(stdout, chunk)
+    while chan.recv_stderr_ready():
+        chunk = chan.recv_stderr(_READ_CHUNK)
+        if not chunk:
+            break
+        moved = True
+        err.extend(chunk)
+        del err[:-_STDERR_TAIL]
+    return moved
+
+
+def _read_local(reader: BinaryIO) -> bytes:
+    # Local I/O errors are the laptop's, not the link's: errmap would call an OSError "unreachable".
+    try:
+        return reader.read(TRANSFER_CHUNK)
+    except OSError as exc:
+        raise LenslabError(f"cannot read the local file to upload ({exc.strerror})") from exc
+
+
+def _write_local(writer: Writer, chunk: bytes) -> None:
+    try:
+        writer.write(chunk)
+    except OSError as exc:
+        raise LenslabError(f"cannot write the downloaded file here ({exc.strerror})", "free some disk space") from exc
+
+
+class _Counting:
+    """A binary writer that counts what passes through it."""
+
+    def __init__(self, inner: Writer) -> None:
+        self.inner = inner
+        self.count = 0
+
+    def write(self, data: bytes, /) -> object:
+        self.count += len(data)
+        return self.inner.write(data)
 
 
 def _drain(chan: paramiko.Channel, out: list[bytes], err: list[bytes], sink: OutputSink | None) -> bool:

@@ -9,7 +9,9 @@ The modules, from the bottom up:
 - ``data``: token sequences with an O(1) position, and the activation stream with a
   savable mixing buffer.
 - ``state``: snapshots of everything that must survive for an exact resume.
-- ``mirror``: copies of committed checkpoints to any fsspec URL.
-- ``status``: the ``status.json`` the laptop reads.
+- ``mirror``: copies of committed checkpoints to any fsspec URL, uploaded in the background.
+- ``status``: the ``status.json`` the laptop reads, and ``is_alive`` for it.
+- ``launch``: the checks a launch makes before writing anything and right after the model is built.
+- ``final``: the finished SAE in SAELens's format.
 - ``runner``: the training loop that ties them together; ``cli``: ``lenslab-train``.
 """

@@ -24,14 +24,15 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lenslab.contract import is_artifact_file_name, is_checkpoint_name
 from lenslab_workspace.train.atomic import fsync_dir, fsync_file
 from lenslab_workspace.train.errors import CheckpointError
-from lenslab_workspace.train.rundir import STEP_DIR_PREFIX, TMP_PREFIX, step_dir_name
+from lenslab_workspace.train.rundir import TMP_PREFIX, step_dir_name
 
 log = logging.getLogger("lenslab.train")
 
@@ -152,44 +153,81 @@ def _is_disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or "os error 28" in text
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """Return the manifest of a complete checkpoint, or raise ``CheckpointError`` saying why not."""
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint directory ``path``, its shape and file names checked.
+
+    A manifest may come from a mirror: a file name that is not a plain name (``../x``, an
+    absolute path) is refused, so nothing outside the checkpoint is ever read or written.
+    """
     manifest_path = path / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path.name}: no manifest (an interrupted write)") from exc
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path.name}: unreadable manifest: {exc}") from exc
+        raise CheckpointError(f"{path.name}: unreadable manifest: {' '.join(str(exc).split())}") from exc
+    return check_manifest(path.name, manifest)
+
+
+def check_manifest(where: str, manifest: Any) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CheckpointError(f"{path.name}: manifest of an unknown format")
+        raise CheckpointError(f"{where}: manifest of an unknown format")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{where}: manifest lists no files")
+    for name, entry in files.items():
+        if not is_artifact_file_name(name) or name == MANIFEST:
+            raise CheckpointError(f"{where}: manifest names {name[:80]!r}, not a plain file name; refused")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("bytes"), int)
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            raise CheckpointError(f"{where}: manifest entry for {name} lacks its size or checksum")
+    for key in ("step", "n_training_samples"):
+        if not isinstance(manifest.get(key), int) or isinstance(manifest.get(key), bool):
+            raise CheckpointError(f"{where}: manifest field {key!r} is not an integer")
+    if not isinstance(manifest.get("config_hash"), str):
+        raise CheckpointError(f"{where}: manifest field 'config_hash' is not a string")
+    return dict(manifest)
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Return the manifest of a complete checkpoint, or raise ``CheckpointError`` saying why not."""
+    manifest = read_manifest(path)
     for name, entry in manifest["files"].items():
         file = path / name
-        if not file.is_file():
+        if file.is_symlink() or not file.is_file():
             raise CheckpointError(f"{path.name}: {name} is missing")
         if file.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"{path.name}: {name} has the wrong size (truncated?)")
         if sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"{path.name}: {name} fails its checksum")
-    return dict(manifest)
+    return manifest
 
 
 def step_dirs(checkpoints_dir: Path) -> list[Path]:
     """Committed-looking checkpoint directories, newest first (not yet verified)."""
     if not checkpoints_dir.is_dir():
         return []
-    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith(STEP_DIR_PREFIX)]
-    return sorted(found, key=lambda p: p.name, reverse=True)
+    found = [p for p in checkpoints_dir.iterdir() if is_checkpoint_name(p.name) and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
+def valid_checkpoints(checkpoints_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Checkpoints that verify, newest first; damaged ones are skipped with a warning."""
+    for path in step_dirs(checkpoints_dir):
+        try:
+            manifest = verify(path)
+        except CheckpointError as exc:
+            log.warning("skipping damaged checkpoint %s; falling back to an earlier one", exc)
+            continue
+        yield path, manifest
 
 
 def latest_valid(checkpoints_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies; damaged newer ones are skipped with a warning."""
-    for path in step_dirs(checkpoints_dir):
-        try:
-            return path, verify(path)
-        except CheckpointError as exc:
-            log.warning("skipping damaged checkpoint %s; falling back to an earlier one", exc)
-    return None
+    """The newest checkpoint that verifies."""
+    return next(valid_checkpoints(checkpoints_dir), None)
 
 
 def remove_unfinished(checkpoints_dir: Path) -> None:
@@ -200,10 +238,11 @@ def remove_unfinished(checkpoints_dir: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def apply_retention(checkpoints_dir: Path, keep_last: int, newest: Path) -> None:
-    """Keep the ``keep_last`` newest checkpoints; called only after ``newest`` is committed."""
+def apply_retention(checkpoints_dir: Path, keep_last: int, newest: Path, keep: frozenset[Path] = frozenset()) -> None:
+    """Keep the ``keep_last`` newest checkpoints (and ``keep``: one being uploaded); called
+    only after ``newest`` is committed."""
     for path in step_dirs(checkpoints_dir)[keep_last:]:
-        if path != newest:
+        if path != newest and path not in keep:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -220,10 +259,12 @@ class CheckpointWriter:
         checkpoints_dir: Path,
         keep_last: int,
         after_commit: Callable[[CommittedCheckpoint], None] | None = None,
+        retain: Callable[[Path], None] | None = None,
     ) -> None:
         self._dir = checkpoints_dir
         self._keep_last = keep_last
         self._after_commit = after_commit
+        self._retain = retain or (lambda newest: apply_retention(checkpoints_dir, keep_last, newest))
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._staged = threading.Event()
@@ -254,10 +295,6 @@ class CheckpointWriter:
             raise error
         return self.last_committed
 
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def _write(self, snapshot: Snapshot) -> None:
         try:
             try:
@@ -267,7 +304,7 @@ class CheckpointWriter:
             committed = commit(snapshot, self._dir)
             if self._after_commit is not None:
                 self._after_commit(committed)
-            apply_retention(self._dir, self._keep_last, committed.path)
+            self._retain(committed.path)
             self.last_committed = committed
         except BaseException as exc:  # re-raised on the training thread by wait()
             self._error = exc

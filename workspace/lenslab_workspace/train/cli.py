@@ -1,17 +1,21 @@
 """``lenslab-train RUN.toml``: train an SAE that survives crashes, kills and lost machines.
 
-Exit codes: 0 finished (or already finished), 75 interrupted by a signal with a checkpoint
-saved (run the same command to continue), 2 a problem with the run file or the data,
-1 a failure during training, 130 a second signal (exit at once; nothing is corrupted).
+Exit codes (lenslab.contract): 0 finished (or already finished), 75 interrupted by a signal
+with a checkpoint saved (run the same command to continue), 2 a problem with the run file,
+the data or ``--runs-dir``, 1 a failure during training, 130 a second signal (exit at once;
+nothing is corrupted). Every error is one line on stderr; an unexpected one also names the
+log file that holds its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
+from lenslab.contract import EXIT_FAILED
 from lenslab_workspace.train.errors import LenslabTrainError
 
 EPILOG = """\
@@ -38,33 +42,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is now (it may be replaced after setup)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging() -> None:
     # A log file on a full disk must not print tracebacks over the one-line error.
     logging.raiseExceptions = False
     logger = logging.getLogger("lenslab.train")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    if not logger.handlers:
-        console = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
+        console = StderrHandler()
         console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(console)
+    if not sys.stderr.isatty():
+        # Progress bars (SAELens's norm estimate, datasets) redraw with carriage returns,
+        # which a log file or `docker logs` shows as garbage; lenslab logs progress lines.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        # datasets reads that variable once, at import: a process that already imported it
+        # (a notebook, a test session) needs the switch itself.
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
+    # Library warnings go to train.log (the run attaches it), not over the one-line error.
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.propagate = False
+    if not warnings_log.handlers:
+        warnings_log.addHandler(logging.NullHandler())
+
+
+def fail(message: str) -> None:
+    print(f"lenslab-train: error: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    # Imported here so that `--help` and argument errors answer at once.
-    from lenslab_workspace.train.config import load_run_file
-    from lenslab_workspace.train.runner import EXIT_FAILED, train
-
     try:
+        # Imported here so that `--help` and argument errors answer at once.
+        from lenslab_workspace.train.config import load_run_file
+        from lenslab_workspace.train.runner import train
+
         settings = load_run_file(args.run_file)
         outcome = train(settings, args.runs_dir, fresh=args.fresh)
     except LenslabTrainError as exc:
-        print(f"lenslab-train: error: {exc}", file=sys.stderr)
+        fail(str(exc))
         return exc.exit_code
-    except OSError as exc:
-        print(f"lenslab-train: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+    except Exception as exc:  # the edge: anything unexpected is one line plus where its traceback is
+        from lenslab_workspace.train.launch import write_crash_log
+
+        crash = write_crash_log(exc, None)
+        fail(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]} (traceback in {crash})")
         return EXIT_FAILED
     print(f"lenslab-train: {outcome.message}", file=sys.stderr)
     return outcome.exit_code

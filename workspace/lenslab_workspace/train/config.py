@@ -17,16 +17,23 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
+import sys
 import typing
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pydantic
-import tomllib
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lenslab.contract import RUN_NAME_HELP, is_run_name
 from lenslab_workspace.train.errors import RunConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 TINY_RANDOM_MODEL = "tiny-random"
 
@@ -42,18 +49,36 @@ UNSUPPORTED = {
 }
 
 
+# A mirror: a URL with a scheme (s3://bucket/prefix, file:///abs/path) or an absolute path.
+MIRROR_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\x00-\x1f\x7f]+")
+MIRROR_PATH = re.compile(r"/[^\x00-\x1f\x7f]*")
+
+
 class ResilienceConfig(BaseModel):
     """``[resilience]``: how often and where checkpoints go, and how strict resume is."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a run file says what it means ("no" is not a bool, "5" is not a number).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     checkpoint_every_seconds: float = Field(300.0, gt=0)
     checkpoint_every_tokens: int | None = Field(None, gt=0)
     keep_last: int = Field(3, ge=1)
     mirror: str | None = None
+    # An unreachable mirror is retried in the background (first retry after
+    # mirror_retry_seconds, doubling up to a minute); the run fails only after this many
+    # failed uploads in a row.
+    mirror_max_consecutive_failures: int = Field(10, ge=1)
+    mirror_retry_seconds: float = Field(5.0, gt=0)
     exact: bool = True
     # How often status.json is rewritten; the laptop polls it.
     status_every_seconds: float = Field(2.0, gt=0)
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror_is_url_or_absolute(cls, value: str | None) -> str | None:
+        if value is not None and not (MIRROR_URL.fullmatch(value) or MIRROR_PATH.fullmatch(value)):
+            raise ValueError("must be a URL with a scheme (s3://bucket/prefix, file:///abs/dir) or an absolute path")
+        return value
 
 
 class TinyRandomConfig(BaseModel):
@@ -63,7 +88,7 @@ class TinyRandomConfig(BaseModel):
     is the BOS token, so ``d_vocab`` must be at least 257.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     n_layers: int = Field(2, ge=1)
     d_model: int = Field(64, ge=1)
@@ -82,11 +107,18 @@ class RunFile(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    name: str
     sae: dict[str, Any]
     logger: dict[str, Any] = Field(default_factory=dict)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     tiny_random: TinyRandomConfig | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _run_name(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not is_run_name(value):
+            raise ValueError(f"a run name is {RUN_NAME_HELP}")
+        return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +260,7 @@ def load_run_file(path: str | Path) -> RunSettings:
             "set it to false (progress goes to the terminal and status.json)"
         )
 
+    _check_ranges(source, architecture, runner_fields, sae_fields)
     if runner_fields.get("model_name") == TINY_RANDOM_MODEL and run.tiny_random is None:
         run.tiny_random = TinyRandomConfig()
     _resolve_dataset_path(source, runner_fields)
@@ -244,6 +277,39 @@ def load_run_file(path: str | Path) -> RunSettings:
     )
 
 
+# Numbers SAELens accepts silently but cannot train with; checked before anything is built.
+POSITIVE_RUNNER_FIELDS = (
+    "context_size",
+    "training_tokens",
+    "train_batch_size_tokens",
+    "store_batch_size_prompts",
+    "n_batches_in_buffer",
+    "lr",
+)
+NON_NEGATIVE_RUNNER_FIELDS = ("lr_warm_up_steps", "lr_decay_steps", "n_batches_for_norm_estimate")
+TOPK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "abstopk")
+
+
+def _check_ranges(source: Path, architecture: str, runner: dict[str, Any], sae: dict[str, Any]) -> None:
+    def refuse(field: str, value: Any, rule: str) -> None:
+        raise RunConfigError(f"{source}: field '{field}': must be {rule} (got {value!r})")
+
+    for key in POSITIVE_RUNNER_FIELDS:
+        if key in runner and not runner[key] > 0:
+            refuse(key, runner[key], "positive")
+    for key in NON_NEGATIVE_RUNNER_FIELDS:
+        if key in runner and runner[key] < 0:
+            refuse(key, runner[key], "zero or more")
+    fraction = runner.get("activations_mixing_fraction", 0.5)
+    if not 0 <= fraction < 1:
+        refuse("activations_mixing_fraction", fraction, "at least 0 and below 1")
+    for key in ("d_in", "d_sae"):
+        if not sae[key] > 0:
+            refuse(f"sae.{key}", sae[key], "positive")
+    if architecture in TOPK_ARCHITECTURES and "k" in sae and not 1 <= sae["k"] <= sae["d_sae"]:
+        refuse("sae.k", sae["k"], f"between 1 and sae.d_sae ({sae['d_sae']})")
+
+
 def _check_unsupported(source: Path, fields: dict[str, Any]) -> None:
     for key, why in UNSUPPORTED.items():
         if fields.get(key):
@@ -251,16 +317,30 @@ def _check_unsupported(source: Path, fields: dict[str, Any]) -> None:
 
 
 def _resolve_dataset_path(source: Path, fields: dict[str, Any]) -> None:
-    """A dataset path relative to the run file is made absolute; HF names are left alone."""
+    """A dataset path relative to the run file is made absolute; HF names are left alone.
+
+    A value that can only be a local file (absolute, ``./``, or a data file's suffix) must
+    exist: otherwise it would be looked up on the Hugging Face hub as a dataset name.
+    """
     dataset = fields.get("dataset_path", "")
     if not dataset:
         raise RunConfigError(
             f"{source}: field 'dataset_path' is required: a Hugging Face dataset name or a local "
             ".jsonl/.parquet/.arrow file"
         )
-    candidate = (source.parent / dataset).resolve()
-    if not Path(dataset).is_absolute() and candidate.exists():
+    path = Path(dataset)
+    candidate = path if path.is_absolute() else (source.parent / dataset).resolve()
+    if candidate.exists():
         fields["dataset_path"] = str(candidate)
+        return
+    looks_local = path.is_absolute() or dataset.startswith(("./", "../")) or path.suffix in LOCAL_SUFFIXES
+    if looks_local:
+        raise RunConfigError(
+            f"{source}: field 'dataset_path': no such file {candidate}; a relative path is relative to the run file"
+        )
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
 def _validate_dataclass_fields(
@@ -275,6 +355,9 @@ def _validate_dataclass_fields(
             where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
             raise RunConfigError(f"{source}: unknown field '{prefix}{key}' in {where}{suggestion}")
     model = _pydantic_model_for(prefix or "runner", tuple(sorted(types.items(), key=lambda kv: kv[0].name)))
+    # TOML has arrays, not tuples: an array is accepted where SAELens wants a tuple.
+    tuple_fields = {str(f) for f, hint in types.items() if typing.get_origin(hint) is tuple}
+    values = {k: tuple(v) if k in tuple_fields and isinstance(v, list) else v for k, v in values.items()}
     try:
         validated = model.model_validate(values)
     except pydantic.ValidationError as exc:
@@ -298,7 +381,8 @@ def _pydantic_model_for(name: str, fields: tuple[tuple[FieldName, Any], ...]) ->
     definitions: dict[str, Any] = {key.name: (hint, ... if key.required else None) for key, hint in fields}
     return pydantic.create_model(
         f"Fields_{name.strip('.')}",
-        __config__=ConfigDict(arbitrary_types_allowed=True, strict=False),
+        # Strict: "no" is not a bool and "5" is not an int (an int is still a valid float).
+        __config__=ConfigDict(arbitrary_types_allowed=True, strict=True),
         **definitions,
     )
 
@@ -349,6 +433,8 @@ def _describe(exc: pydantic.ValidationError, prefix: str = "") -> str:
             message = "is required"
         elif error["type"] == "extra_forbidden":
             message = "is not a known field"
+        elif error["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
         given = error.get("input")
         shown = (
             "" if error["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"

@@ -11,11 +11,13 @@ checkpoint: a resumed run is served the very same batches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -23,7 +25,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from lenslab_workspace.train.atomic import fsync_dir
+from lenslab_workspace.train.atomic import fsync_dir, write_json_atomic
 from lenslab_workspace.train.errors import DataError
 
 log = logging.getLogger("lenslab.train")
@@ -42,11 +44,17 @@ class ByteTokenizer:
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
 
-def dataset_key(runner: dict[str, Any], tokenizer_name: str, n_sequences: int) -> str:
-    """What determines the token array; a change makes a new array instead of reusing one."""
-    path = Path(runner["dataset_path"])
+HASHES_FILE = "dataset-hashes.json"
+HASH_CHUNK_BYTES = 8 << 20
+
+
+def dataset_key(runner: dict[str, Any], tokenizer_name: str, n_sequences: int, data_dir: Path) -> str:
+    """What determines the token array; a change makes a new array instead of reusing one.
+
+    A local dataset is known by its content (sha256), not its path or mtime: uploading the same
+    file again, or to another place, finds the array tokenized before.
+    """
     fingerprint: dict[str, Any] = {
-        "dataset_path": runner["dataset_path"],
         "tokenized": runner.get("is_dataset_tokenized", True),
         "context_size": runner.get("context_size", 128),
         "prepend_bos": runner.get("prepend_bos", True),
@@ -55,10 +63,50 @@ def dataset_key(runner: dict[str, Any], tokenizer_name: str, n_sequences: int) -
         "tokenizer": tokenizer_name,
         "n_sequences": n_sequences,
     }
+    path = Path(runner["dataset_path"])
     if path.exists():
-        stat = path.stat()
-        fingerprint["file"] = [stat.st_size, int(stat.st_mtime)]
+        fingerprint["content"] = content_hash(path, data_dir)
+    else:
+        fingerprint["dataset_path"] = runner["dataset_path"]
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def content_hash(path: Path, data_dir: Path) -> str:
+    """sha256 of a dataset file (or of every file of a saved dataset directory).
+
+    Hashes are cached in ``data/dataset-hashes.json`` by (path, size, mtime), so an unchanged
+    file is not read again at each launch; a changed one (new size or mtime) is re-hashed.
+    """
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    cache_file = data_dir / HASHES_FILE
+    try:
+        cache = json.loads(cache_file.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    digest, changed = hashlib.sha256(), False
+    for file in files:
+        stat = file.stat()
+        key = str(file.resolve())
+        known = cache.get(key)
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        if not (isinstance(known, dict) and known.get("stamp") == stamp and isinstance(known.get("sha256"), str)):
+            known = {"stamp": stamp, "sha256": _sha256(file)}
+            cache[key], changed = known, True
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}\0{known['sha256']}\0".encode())
+    if changed:
+        with contextlib.suppress(OSError):  # only a cache: a failed write costs a re-hash next time
+            data_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(data_dir / HASHES_FILE, cache)
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def iterate_rows(runner: dict[str, Any]) -> Iterator[Any]:
@@ -73,6 +121,8 @@ def iterate_rows(runner: dict[str, Any]) -> Iterator[Any]:
             if isinstance(dataset, datasets.DatasetDict):
                 dataset = dataset["train"]
         elif path.exists():
+            if path.stat().st_size == 0:
+                raise DataError(f"dataset_path {source}: the file is empty (0 bytes); point it at a file with rows")
             kind = LOCAL_FORMATS.get(path.suffix)
             if kind is None:
                 raise DataError(
@@ -93,7 +143,8 @@ def iterate_rows(runner: dict[str, Any]) -> Iterator[Any]:
     except DataError:
         raise
     except Exception as exc:  # datasets raises many unrelated types for one cause: not loadable
-        raise DataError(f"dataset_path {source}: cannot load it: {' '.join(str(exc).split())}") from exc
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"dataset_path {source}: cannot load it: {why[:300]}") from exc
 
     columns = list(dataset.column_names or [])
     column = next((c for c in TOKEN_COLUMNS if c in columns), None)
@@ -112,8 +163,14 @@ def iterate_sequences(runner: dict[str, Any], model: Any, tokenizer: Any) -> Ite
     from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 
     context_size = runner.get("context_size", 128)
+    source = runner["dataset_path"]
     if runner.get("is_dataset_tokenized", True):
-        for row in iterate_rows(runner):
+        for index, row in enumerate(iterate_rows(runner)):
+            if not isinstance(row, list | tuple) or not all(type(t) is int for t in row):
+                raise DataError(
+                    f"dataset_path {source}: row {index} is {_kind(row)}, not a list of token ids; "
+                    "set is_dataset_tokenized = false for a text dataset"
+                )
             tokens = torch.as_tensor(row[:context_size], dtype=torch.long)
             if tokens.shape[0] < context_size:
                 raise DataError(
@@ -124,7 +181,12 @@ def iterate_sequences(runner: dict[str, Any], model: Any, tokenizer: Any) -> Ite
         return
 
     def tokenized() -> Iterator[torch.Tensor]:
-        for text in iterate_rows(runner):
+        for index, text in enumerate(iterate_rows(runner)):
+            if not isinstance(text, str):
+                raise DataError(
+                    f"dataset_path {source}: row {index} is {_kind(text)}, not text; fix the row, or set "
+                    "is_dataset_tokenized = true for a dataset of token ids"
+                )
             if isinstance(tokenizer, ByteTokenizer):
                 yield tokenizer.encode(text)
             else:
@@ -146,6 +208,13 @@ def iterate_sequences(runner: dict[str, Any], model: Any, tokenizer: Any) -> Ite
     )
 
 
+KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "text", dict: "an object", list: "a list"}
+
+
+def _kind(value: Any) -> str:
+    return "empty (null)" if value is None else KINDS.get(type(value), f"a {type(value).__name__}")
+
+
 def sequences_needed(runner: dict[str, Any], training_context_size: int) -> int:
     """Enough sequences for the whole run, so a streamed dataset is read once and no further."""
     tokens = runner.get("training_tokens", 2_000_000)
@@ -156,12 +225,24 @@ def sequences_needed(runner: dict[str, Any], training_context_size: int) -> int:
 
 
 def materialize_tokens(
-    runner: dict[str, Any], model: Any, tokenizer: Any, data_dir: Path, tokenizer_name: str, limit: int
+    runner: dict[str, Any],
+    model: Any,
+    tokenizer: Any,
+    data_dir: Path,
+    tokenizer_name: str,
+    limit: int,
+    reuse_from: tuple[Path, ...] = (),
 ) -> np.ndarray:
     """Tokenize once into ``data/tokens-<key>.npy`` (atomically) and memory-map it."""
-    target = data_dir / f"tokens-{dataset_key(runner, tokenizer_name, limit)}.npy"
+    target = data_dir / f"tokens-{dataset_key(runner, tokenizer_name, limit, data_dir)}.npy"
     if target.exists():
         return cast(np.ndarray, np.load(target, mmap_mode="r"))
+    for other in reuse_from:
+        if (other / target.name).is_file():  # --fresh: the set-aside run tokenized the same data
+            data_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(other / target.name, target)
+            log.info("reusing the tokenized dataset %s", target.name)
+            return cast(np.ndarray, np.load(target, mmap_mode="r"))
     context_size = runner.get("context_size", 128)
     rows: list[torch.Tensor] = []
     for sequence in iterate_sequences(runner, model, tokenizer):
@@ -169,7 +250,10 @@ def materialize_tokens(
         if len(rows) >= limit:
             break
     if not rows:
-        raise DataError(f"dataset_path {runner['dataset_path']}: no complete sequence of {context_size} tokens")
+        raise DataError(
+            f"dataset_path {runner['dataset_path']}: empty: it yields no complete sequence of {context_size} tokens "
+            "(no rows, or too little text in all); add data or lower context_size"
+        )
     log.info("tokenized %d sequences of %d tokens into %s", len(rows), context_size, target.name)
     array = torch.stack(rows).numpy()
     data_dir.mkdir(parents=True, exist_ok=True)

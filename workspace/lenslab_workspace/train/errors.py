@@ -4,24 +4,28 @@ LenslabTrainError            base: the CLI prints ``str(exc)`` without a traceba
 ├── RunConfigError           the run file is malformed or names something impossible
 ├── ConfigChangedError       resuming would be wrong: resume-relevant fields changed
 ├── CheckpointError          no usable checkpoint although one was expected, disk full, ...
-└── DataError                the dataset cannot be read or is too small
+├── DataError                the dataset cannot be read or is too small
+└── UnexpectedError          anything else (a bug or the machine): one line naming the
+                             log file that holds the traceback
 """
 
 from __future__ import annotations
+
+from lenslab.contract import EXIT_FAILED, EXIT_USAGE
 
 
 class LenslabTrainError(Exception):
     """Base class; the message is complete, one line, and says how to fix it."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
 
 class RunConfigError(LenslabTrainError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ConfigChangedError(LenslabTrainError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class CheckpointError(LenslabTrainError):
@@ -29,4 +33,8 @@ class CheckpointError(LenslabTrainError):
 
 
 class DataError(LenslabTrainError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
+
+
+class UnexpectedError(LenslabTrainError):
+    pass

@@ -4,24 +4,47 @@ Layout under ``<mirror>/<run name>/``: ``checkpoints/step-N/<files>`` and ``late
 file naming the newest complete checkpoint. ``latest`` moves only after every file of the new
 checkpoint is confirmed present with the right size (Composer's rule), so a crash mid-upload
 leaves the previous pointer valid. A new box with an empty run directory restores from it.
+
+Nothing read from a mirror is believed: ``latest`` must be a checkpoint name, the manifest's
+file names must be plain names, and exactly the files the manifest lists are fetched into a
+temporary directory inside the run, verified, and only then renamed into place. Loading the
+state files is ``state.load_states``'s job (data only, never code).
+
+Uploads run on their own thread (``MirrorUploader``): an unreachable mirror does not stop
+training. A failed upload is logged as a mirror error and retried with backoff, always with
+the newest committed checkpoint; the run fails only after
+``resilience.mirror_max_consecutive_failures`` failures in a row.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lenslab_workspace.train.checkpoint import CommittedCheckpoint, crash_point, verify
+from lenslab.contract import MANIFEST_FILE, is_checkpoint_name
+from lenslab_workspace.train.checkpoint import CommittedCheckpoint, apply_retention, check_manifest, crash_point, verify
 from lenslab_workspace.train.errors import CheckpointError
-from lenslab_workspace.train.rundir import STEP_DIR_PREFIX, TMP_PREFIX
+from lenslab_workspace.train.rundir import TMP_PREFIX
 
 log = logging.getLogger("lenslab.train")
 
 LATEST = "latest"
+# Bounds on what is read from a mirror before it is checked.
+MAX_POINTER_BYTES = 64
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_RETRY_SECONDS = 60.0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 class Mirror:
@@ -38,6 +61,12 @@ class Mirror:
             ) from exc
         self.root = f"{base.rstrip('/')}/{run_name}"
         self.keep_last = keep_last
+
+    def unreachable(self, what: str, exc: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"mirror {self.url}: {what} ({_one_line(exc)}); fix the mirror (or remove resilience.mirror) "
+            "and run the same command again"
+        )
 
     def _checkpoint_dir(self, name: str) -> str:
         return f"{self.root}/checkpoints/{name}"
@@ -60,7 +89,8 @@ class Mirror:
     def _apply_retention(self, newest: str) -> None:
         base = f"{self.root}/checkpoints"
         names = sorted(
-            (Path(p).name for p in self.fs.ls(base, detail=False) if Path(p).name.startswith(STEP_DIR_PREFIX)),
+            (name for name in (Path(p).name for p in self.fs.ls(base, detail=False)) if is_checkpoint_name(name)),
+            key=lambda name: int(name.split("-")[1]),
             reverse=True,
         )
         for name in names[self.keep_last :]:
@@ -69,29 +99,175 @@ class Mirror:
                     self.fs.rm(f"{base}/{name}", recursive=True)
 
     def latest_name(self) -> str | None:
+        """The checkpoint ``latest`` names, or None (no pointer, or one that is refused)."""
         try:
-            return str(self.fs.cat_file(f"{self.root}/{LATEST}").decode().strip()) or None
+            raw = self.fs.cat_file(f"{self.root}/{LATEST}", start=0, end=MAX_POINTER_BYTES + 1)
         except FileNotFoundError:
             return None
+        except Exception as exc:  # unreachable: starting from scratch could hide a newer run there
+            raise self.unreachable(f"cannot read {self.root}/{LATEST}", exc) from exc
+        name = bytes(raw).decode("utf-8", "replace").strip()
+        if len(raw) > MAX_POINTER_BYTES or not is_checkpoint_name(name):
+            log.warning(
+                "mirror %s: %s/%s names %r, not a checkpoint (step-<digits>); ignoring the mirror's copy",
+                self.url,
+                self.root,
+                LATEST,
+                name[:80],
+            )
+            return None
+        return name
 
     def restore_latest(self, checkpoints_dir: Path) -> Path | None:
-        """Download the checkpoint ``latest`` names into ``checkpoints_dir``; verified before use."""
+        """Download the checkpoint ``latest`` names into ``checkpoints_dir``; verified before use.
+
+        Returns None (with a warning) when the mirror has no usable checkpoint.
+        """
         name = self.latest_name()
         if name is None:
             return None
-        target = checkpoints_dir / name
         tmp = checkpoints_dir / f"{TMP_PREFIX}restore-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        remote = self._checkpoint_dir(name)
-        entries: list[Any] = self.fs.ls(remote, detail=False)
-        for entry in entries:
-            self.fs.get_file(entry, str(tmp / Path(entry).name))
         try:
+            self._download(name, tmp)
             verify(tmp)
-        except CheckpointError:
+        except (CheckpointError, FileNotFoundError, ValueError) as exc:  # what it serves is wrong
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            log.warning("mirror %s: checkpoint %s refused: %s", self.url, name, _one_line(exc))
+            return None
+        except Exception as exc:  # the mirror went away mid-download
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise self.unreachable(f"cannot download checkpoint {name}", exc) from exc
+        target = checkpoints_dir / name
+        if target.exists():  # a local copy that failed verification
+            shutil.rmtree(target)
         os.rename(tmp, target)
         log.info("restored checkpoint %s from mirror %s", name, self.url)
         return target
+
+    def _download(self, name: str, tmp: Path) -> None:
+        """Fetch the manifest, check it, then fetch exactly the files it names."""
+        remote = self._checkpoint_dir(name)
+        raw = self.fs.cat_file(f"{remote}/{MANIFEST_FILE}", start=0, end=MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise CheckpointError(f"{name}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        manifest = check_manifest(name, json.loads(bytes(raw).decode("utf-8")))
+        (tmp / MANIFEST_FILE).write_bytes(raw)
+        for file_name in manifest["files"]:
+            self.fs.get_file(f"{remote}/{file_name}", str(tmp / file_name))
+
+
+class MirrorUploader:
+    """Uploads committed checkpoints on a background thread, retrying failures with backoff.
+
+    Only the newest committed checkpoint matters: a checkpoint committed while an older one
+    waits for a retry replaces it. ``retain`` (for the checkpoint writer) keeps the checkpoint
+    being uploaded from local retention.
+    """
+
+    def __init__(self, mirror: Mirror, max_failures: int, retry_seconds: float) -> None:
+        self.mirror = mirror
+        self.max_failures = max_failures
+        self.retry_seconds = retry_seconds
+        self.consecutive_failures = 0
+        self.errors_total = 0
+        self.last_error: str | None = None
+        self.last_uploaded: str | None = None
+        self.fatal: str | None = None
+        self._cond = threading.Condition()
+        self._pending: CommittedCheckpoint | None = None
+        self._current: Path | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mirror-upload", daemon=True)
+        self._thread.start()
+
+    def submit(self, committed: CommittedCheckpoint) -> None:
+        with self._cond:
+            self._pending = committed
+            self._cond.notify_all()
+
+    def retain(self, checkpoints_dir: Path, keep_last: int) -> Callable[[Path], None]:
+        def apply(newest: Path) -> None:
+            with self._cond:
+                keep = frozenset(p for p in (self._current,) if p is not None)
+                apply_retention(checkpoints_dir, keep_last, newest, keep)
+
+        return apply
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "url": self.mirror.url,
+            "last_uploaded": self.last_uploaded,
+            "consecutive_failures": self.consecutive_failures,
+            "errors_total": self.errors_total,
+            "last_error": self.last_error,
+        }
+
+    def close(self) -> None:
+        """Give the newest checkpoint one last immediate try, then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _next(self) -> CommittedCheckpoint | None:
+        with self._cond:
+            while self._pending is None and not self._stopping:
+                self._cond.wait()
+            item, self._pending = self._pending, None
+            self._current = item.path if item is not None else None
+            return item
+
+    def _run(self) -> None:
+        while (item := self._next()) is not None:
+            try:
+                self.mirror.upload(item)
+            except Exception as exc:  # fsspec backends raise their own types for one cause: unreachable
+                if not self._failed(item, exc):
+                    return
+            else:
+                self.consecutive_failures, self.last_uploaded = 0, item.path.name
+                if self.errors_total:
+                    log.info("mirror %s: uploaded %s; the mirror works again", self.mirror.url, item.path.name)
+            finally:
+                with self._cond:
+                    self._current = None
+
+    def _failed(self, item: CommittedCheckpoint, exc: BaseException) -> bool:
+        """Record a failure; wait out the backoff. False when the thread should stop."""
+        with self._cond:
+            superseded = self._pending is not None
+            if not superseded:
+                self._pending = item
+        if superseded and not item.path.exists():
+            return True  # removed by retention after a newer one was committed: not the mirror's fault
+        self.consecutive_failures += 1
+        self.errors_total += 1
+        self.last_error = f"{item.path.name}: {_one_line(exc)}"
+        if self.consecutive_failures >= self.max_failures:
+            self.fatal = (
+                f"mirror {self.mirror.url}: {self.consecutive_failures} uploads in a row failed "
+                f"(last: {self.last_error}); fix the mirror or raise resilience.mirror_max_consecutive_failures, "
+                "then run the same command again (local checkpoints are intact)"
+            )
+            log.error("%s", self.fatal)
+            return False
+        cap = max(MAX_RETRY_SECONDS, self.retry_seconds)
+        delay = min(self.retry_seconds * 2 ** (self.consecutive_failures - 1), cap)
+        with self._cond:
+            if self._stopping:
+                log.warning("mirror error: %s: %s; not mirrored", self.mirror.url, self.last_error)
+                return False
+            log.warning(
+                "mirror error (%d in a row, the run fails at %d): %s: %s; retrying in %.0f s, training goes on",
+                self.consecutive_failures,
+                self.max_failures,
+                self.mirror.url,
+                self.last_error,
+                delay,
+            )
+            deadline = time.monotonic() + delay
+            while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
+                self._cond.wait(remaining)
+        return True

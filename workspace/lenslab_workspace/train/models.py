@@ -25,20 +25,26 @@ def load_language_model(settings: RunSettings, device: str) -> tuple[Any, Any, s
                 f"{settings.source}: field 'context_size': {context_size} exceeds tiny_random.n_ctx ({tiny.n_ctx}); "
                 "lower context_size or raise tiny_random.n_ctx"
             )
-        cfg = HookedTransformerConfig(
-            n_layers=tiny.n_layers,
-            d_model=tiny.d_model,
-            n_heads=tiny.n_heads,
-            d_head=tiny.d_head,
-            d_mlp=tiny.d_mlp,
-            d_vocab=tiny.d_vocab,
-            n_ctx=tiny.n_ctx,
-            act_fn=tiny.act_fn,
-            normalization_type=tiny.normalization_type,
-            seed=tiny.seed,
-            device=device,
-        )
-        model = HookedTransformer(cfg)
+        try:
+            model = HookedTransformer(
+                HookedTransformerConfig(
+                    n_layers=tiny.n_layers,
+                    d_model=tiny.d_model,
+                    n_heads=tiny.n_heads,
+                    d_head=tiny.d_head,
+                    d_mlp=tiny.d_mlp,
+                    d_vocab=tiny.d_vocab,
+                    n_ctx=tiny.n_ctx,
+                    act_fn=tiny.act_fn,
+                    normalization_type=tiny.normalization_type,
+                    seed=tiny.seed,
+                    device=device,
+                )
+            )
+        except Exception as exc:  # TransformerLens checks its config with asserts and ValueErrors
+            raise RunConfigError(
+                f"{settings.source}: [tiny_random]: TransformerLens refuses it: {' '.join(str(exc).split())[:200]}"
+            ) from exc
         model.eval()
         return model, ByteTokenizer(tiny.d_vocab), f"bytes-{tiny.d_vocab}"
 

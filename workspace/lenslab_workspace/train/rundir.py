@@ -1,12 +1,16 @@
 """The stable layout of one run under the runs root (``--runs-dir``, default ``./runs``).
 
 runs/<name>/
-  run-config.json          the resolved config of the first launch (resume compares to it)
+  run-config.json          the resolved config, pinned when the first checkpoint commits
+                           (resume compares to it)
   status.json              live status, replaced atomically (schema: status.py)
   train.log                plain log lines, appended by every launch
-  data/tokens-<hash>.npy   the tokenized dataset, fixed-length rows (O(1) positioning)
+  data/tokens-<hash>.npy   the tokenized dataset, fixed-length rows (O(1) positioning),
+                           keyed by the dataset's content (sha256, cached in dataset-hashes.json)
+  crash-<time>.log         the traceback of a launch that failed unexpectedly
   checkpoints/step-000000123/   committed checkpoints (manifest.json written last)
   checkpoints/.tmp-*            unfinished writes; never loaded, removed at start
+  checkpoints/.refused-step-*   checkpoints whose state files would not load as data only
   final/                   the finished SAE in SAELens's format (SAE.load_from_disk)
 """
 

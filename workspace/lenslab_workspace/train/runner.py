@@ -1,16 +1,22 @@
 """The training loop: SAELens's SAETrainer does each step; lenslab owns everything around it.
 
-Read top to bottom: prepare the run directory, decide fresh start or resume, build the model,
-data stream and trainer (resuming restores them from the newest valid checkpoint), then loop:
-step, maybe snapshot (written in the background), maybe rewrite status.json, stop cleanly
-when a signal asks. The end folds the activation scaler into the weights and saves the SAE in
-SAELens's inference format under ``final/``.
+Read top to bottom: check what can be checked without writing anything (launch.py), open
+the run directory (a staging one for ``--fresh``), find the newest valid checkpoint, build
+the model (and check its hook), data stream and trainer (restoring them from the
+checkpoint), then loop: step, maybe snapshot (written in the background, mirrored by
+another thread), maybe rewrite status.json, stop cleanly when a signal asks. The end folds
+the activation scaler into the weights and saves the SAE in SAELens's inference format
+under ``final/``.
+
+A launch that fails before training leaves ``status.json`` saying ``failed`` (and, for an
+unexpected error, a ``crash-*.log``), never a half-made run: ``run-config.json`` is pinned
+only when the first checkpoint commits, and ``--fresh`` moves the old run aside only once the
+new one is built.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -23,26 +29,39 @@ from typing import Any
 import numpy as np
 import torch
 
+from lenslab.contract import EXIT_FINISHED, EXIT_INTERRUPTED
 from lenslab_workspace import __version__
 from lenslab_workspace.train import checkpoint as ckpt
-from lenslab_workspace.train.atomic import fsync_dir, fsync_file, write_json_atomic
-from lenslab_workspace.train.config import RunSettings, changed_fields
+from lenslab_workspace.train.atomic import fsync_dir, write_json_atomic
+from lenslab_workspace.train.config import RunSettings
 from lenslab_workspace.train.data import ActivationStream, materialize_tokens, sequences_needed
-from lenslab_workspace.train.errors import ConfigChangedError, RunConfigError
-from lenslab_workspace.train.mirror import Mirror
+from lenslab_workspace.train.errors import (
+    CheckpointError,
+    ConfigChangedError,
+    LenslabTrainError,
+    RunConfigError,
+    UnexpectedError,
+)
+from lenslab_workspace.train.final import FINISHED_MARKER, save_final, set_sae_metadata
+from lenslab_workspace.train.launch import (
+    check_config_unchanged,
+    check_devices,
+    check_hook,
+    check_runs_dir,
+    staging_dir,
+    write_crash_log,
+)
+from lenslab_workspace.train.mirror import Mirror, MirrorUploader
 from lenslab_workspace.train.models import load_language_model
 from lenslab_workspace.train.progress import Progress
 from lenslab_workspace.train.rundir import RunDir
 from lenslab_workspace.train.signals import StopRequest
-from lenslab_workspace.train.state import restore, take_snapshot
+from lenslab_workspace.train.state import load_states, restore, take_snapshot
 from lenslab_workspace.train.status import StatusFile
 
 log = logging.getLogger("lenslab.train")
 
-EXIT_FINISHED = 0
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again to continue
-FINISHED_MARKER = "lenslab-finished.json"
+LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
 @dataclass
@@ -51,40 +70,20 @@ class Outcome:
     message: str
 
 
-def prepare_run_dir(settings: RunSettings, runs_dir: Path, fresh: bool) -> RunDir:
-    run = RunDir.for_run(runs_dir, settings.name)
-    if fresh and not run.is_empty():
-        moved = run.set_aside()
-        log.info("--fresh: the previous run was kept as %s", moved)
-    run.create()
-    return run
+@dataclass(frozen=True)
+class FoundCheckpoint:
+    path: Path
+    manifest: dict[str, Any]
+    states: dict[str, dict[str, Any]]
 
 
-def check_config_unchanged(settings: RunSettings, run: RunDir) -> None:
-    if not run.config_file.exists():
-        return
-    saved = json.loads(run.config_file.read_text())
-    before, now = saved.get("runner", {}).get("device", "cpu"), settings.runner_fields.get("device", "cpu")
-    if before != now:
-        log.warning(
-            "run '%s' started on %s and resumes on %s: it continues correctly, but the result will "
-            "not be bit-identical to an uninterrupted run on one device",
-            settings.name,
-            before,
-            now,
-        )
-    differing = changed_fields(saved, settings.comparable())
-    if differing:
-        raise ConfigChangedError(
-            f"run '{settings.name}' was started with another config; these fields differ: {', '.join(differing)}. "
-            f"Restore them, or start over with --fresh (the old run is kept), or use a new name"
-        )
+@dataclass
+class Built:
+    """What ``_build`` makes: the model's activations, the trainer, where it resumed from."""
 
-
-def attach_log_file(path: Path) -> None:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    log.addHandler(handler)
+    stream: ActivationStream
+    trainer: Any
+    resumed_from: int | None
 
 
 def seed_everything(seed: int) -> None:
@@ -93,8 +92,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_exclude_tokens(runner: dict[str, Any], tokenizer: Any) -> torch.Tensor | None:
-    setting = runner.get("exclude_special_tokens", False)
+def build_exclude_tokens(fields: dict[str, Any], tokenizer: Any) -> torch.Tensor | None:
+    setting = fields.get("exclude_special_tokens", False)
     if setting is False:
         return None
     if setting is True:
@@ -116,100 +115,199 @@ def versions() -> dict[str, str]:
     return {"lenslab_workspace": __version__, "sae_lens": sae_lens.__version__, "torch": torch.__version__}
 
 
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500] or type(exc).__name__
+
+
 class TrainingRun:
-    """One launch of ``lenslab-train``: builds everything, then ``run()`` trains."""
+    """One launch of ``lenslab-train``: ``execute()`` checks, builds, then trains."""
 
     def __init__(self, settings: RunSettings, runs_dir: Path, fresh: bool = False) -> None:
         self.settings = settings
-        self.run = prepare_run_dir(settings, runs_dir, fresh)
-        attach_log_file(self.run.log_file)
+        self.runs_dir = runs_dir
+        self.fresh = fresh
+        self.target = RunDir.for_run(runs_dir, settings.name)  # where the run lives
+        self.run = self.target  # where this launch writes: a staging directory for --fresh
         self.stop = StopRequest()
         self.config_hash = settings.config_hash()
-        self.mirror = (
-            Mirror(settings.resilience.mirror, settings.name, settings.resilience.keep_last)
-            if settings.resilience.mirror
-            else None
-        )
+        self.cfg: Any = None  # SAELens's runner config, made once the launch is checked
+        self.status: StatusFile | None = None
+        self.uploader: MirrorUploader | None = None
+        self.mirror: Mirror | None = None
+        self._log_handler: logging.Handler | None = None
 
     def execute(self) -> Outcome:
-        if (self.run.final / FINISHED_MARKER).exists():
-            return Outcome(
-                EXIT_FINISHED, f"run '{self.settings.name}' already finished; the SAE is in {self.run.final}"
-            )
-        check_config_unchanged(self.settings, self.run)
-        # Only now: a refused launch leaves the run directory exactly as it found it.
+        check_runs_dir(self.runs_dir, self.target)
+        if not self.fresh:
+            check_config_unchanged(self.settings, self.target)
+            if (self.target.final / FINISHED_MARKER).exists():
+                return Outcome(
+                    EXIT_FINISHED, f"run '{self.settings.name}' already finished; the SAE is in {self.target.final}"
+                )
+        check_devices(self.settings)
+        self.cfg = self.settings.runner_config()
+        res = self.settings.resilience
+        if res.mirror:
+            self.mirror = Mirror(res.mirror, self.settings.name, res.keep_last)
+        try:
+            self._open()  # only now is anything written
+            built = self._build()
+            self._commit_launch()
+            return self._train(built)
+        except BaseException as exc:
+            reported = self._fail(exc)
+            if reported is exc:
+                raise
+            raise reported from exc
+        finally:
+            self._close()
+
+    def _open(self) -> None:
+        if self.fresh and not self.target.is_empty():
+            self.run = staging_dir(self.target)
+        try:
+            self.run.create()
+        except OSError as exc:
+            raise RunConfigError(
+                f"--runs-dir {self.runs_dir}: cannot create {self.run.root}: {exc.strerror or exc}"
+            ) from exc
+        self._log_handler = logging.FileHandler(self.run.log_file)
+        self._log_handler.setFormatter(LOG_FORMAT)
+        log.addHandler(self._log_handler)
+        logging.getLogger("py.warnings").addHandler(self._log_handler)
+        total = self.settings.runner_fields.get("training_tokens", 0)
+        self.status = StatusFile(self.run.status_file, self.settings.name, total)
+        self.status.write()  # "starting": the launch has begun
         ckpt.remove_unfinished(self.run.checkpoints)
         self.stop.install()
-        found = self._find_checkpoint()
-        self.cfg = self.settings.runner_config()
-        self._build(found)
-        if not self.run.config_file.exists():
-            write_json_atomic(self.run.config_file, self.settings.comparable())
-        return self._train()
 
-    def _find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
-        found = ckpt.latest_valid(self.run.checkpoints)
-        if found is None and self.mirror is not None and self.mirror.restore_latest(self.run.checkpoints):
-            found = ckpt.latest_valid(self.run.checkpoints)
-        return found
+    def _fail(self, exc: BaseException) -> BaseException:
+        """Record a failed launch; return the exception the CLI shows (one line)."""
+        if self.run is not self.target:  # --fresh: drop the half-built run, keep the old one
+            shutil.rmtree(self.run.root, ignore_errors=True)
+        reported = exc
+        if not isinstance(exc, LenslabTrainError | KeyboardInterrupt | SystemExit):
+            crash = write_crash_log(exc, self.run.root if self.run is self.target else None)
+            reported = UnexpectedError(f"unexpected {type(exc).__name__}: {one_line(exc)} (traceback in {crash})")
+        if self.run is self.target and self.status is not None:
+            self.status.update(state="failed", message=one_line(reported))
+            if self.uploader is not None:
+                self.status.update(mirror=self.uploader.status())
+            self.status.write()
+            for empty in (self.run.checkpoints, self.run.data_dir):  # made by this launch, still empty
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
+        return reported
 
-    def _build(self, found: tuple[Path, dict[str, Any]] | None) -> None:
+    def _close(self) -> None:
+        if self.uploader is not None:
+            self.uploader.close()
+        self.stop.uninstall()
+        if self._log_handler is not None:
+            log.removeHandler(self._log_handler)
+            logging.getLogger("py.warnings").removeHandler(self._log_handler)
+            self._log_handler.close()
+
+    def _commit_launch(self) -> None:
+        """For --fresh: the new run is built; now set the old one aside and move the new one in."""
+        if self.run is self.target:
+            return
+        if not self.target.is_empty():
+            moved = self.target.set_aside()
+            log.info("--fresh: the previous run was kept as %s", moved)
+        os.rename(self.run.root, self.target.root)
+        fsync_dir(self.target.root.parent)
+        self.run = self.target
+        assert self.status is not None
+        self.status.path = self.target.status_file
+
+    def _find_checkpoint(self) -> FoundCheckpoint | None:
+        if self.fresh:
+            return None
+        for path, manifest in ckpt.valid_checkpoints(self.run.checkpoints):
+            found = self._load(path, manifest)
+            if found is not None:
+                return found
+        if self.mirror is not None:
+            restored = self.mirror.restore_latest(self.run.checkpoints)
+            if restored is not None:
+                return self._load(restored, ckpt.verify(restored))
+        return None
+
+    def _load(self, path: Path, manifest: dict[str, Any]) -> FoundCheckpoint | None:
+        """Read a checkpoint's state files as data only; a refused one is moved aside."""
+        if manifest["config_hash"] != self.config_hash:
+            raise ConfigChangedError(
+                f"checkpoint {path} belongs to another config (hash {manifest['config_hash']}); "
+                "start over with --fresh or use a new run name"
+            )
+        try:
+            return FoundCheckpoint(path, manifest, load_states(path))
+        except CheckpointError as exc:
+            aside = path.with_name(f".refused-{path.name}-{int(time.time())}")
+            os.rename(path, aside)
+            log.warning("checkpoint refused: %s; moved aside as %s, falling back to an earlier one", exc, aside.name)
+            return None
+
+    def _build(self) -> Built:
         from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
         from sae_lens.training.sae_trainer import SAETrainer
 
-        cfg = self.cfg
+        found = self._find_checkpoint()
+        cfg, fields = self.cfg, self.settings.runner_fields
         if self.settings.resilience.exact and str(cfg.device).startswith("cuda"):
             # cuBLAS needs this for deterministic matmuls; it must be set before CUDA starts.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.seed)
-        runner = self.settings.runner_fields
-        self.model, tokenizer, tokenizer_name = load_language_model(self.settings, str(cfg.llm_device))
+        model, tokenizer, tokenizer_name = load_language_model(self.settings, str(cfg.llm_device))
+        check_hook(self.settings, model, cfg.sae.d_in)
         stream_context = len(range(cfg.context_size)[slice(*cfg.seqpos_slice)])
         tokens = materialize_tokens(
-            runner, self.model, tokenizer, self.run.data_dir, tokenizer_name, sequences_needed(runner, stream_context)
+            fields,
+            model,
+            tokenizer,
+            self.run.data_dir,
+            tokenizer_name,
+            sequences_needed(fields, stream_context),
+            reuse_from=(self.target.data_dir,) if self.run is not self.target else (),
         )
-        self.stream = ActivationStream(
-            self.model, tokens, runner, cfg.sae.d_in, build_exclude_tokens(runner, tokenizer)
-        )
+        stream = ActivationStream(model, tokens, fields, cfg.sae.d_in, build_exclude_tokens(fields, tokenizer))
         sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(cfg.get_training_sae_cfg_dict()).to_dict())
-        _set_sae_metadata(sae, cfg)
+        set_sae_metadata(sae, cfg)
         sae.to(cfg.device)
-        self.trainer = SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=sae, data_provider=self.stream)
-        self.resumed_from: int | None = None
-        if found is not None:
-            path, manifest = found
-            if manifest["config_hash"] != self.config_hash:
-                raise ConfigChangedError(
-                    f"checkpoint {path} belongs to another config (hash {manifest['config_hash']}); "
-                    "start over with --fresh or use a new run name"
-                )
-            restore(self.trainer, self.stream, path, str(cfg.device))
-            self.resumed_from = manifest["step"]
-            log.info(
-                "resuming from %s (step %d, %d tokens)", path.name, manifest["step"], manifest["n_training_samples"]
-            )
-        else:
+        trainer = SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=sae, data_provider=stream)
+        if found is None:
             log.info("starting run '%s' from scratch", self.settings.name)
+            return Built(stream, trainer, None)
+        restore(trainer, stream, found.path, str(cfg.device), found.states)
+        step, samples = found.manifest["step"], found.manifest["n_training_samples"]
+        log.info("resuming from %s (step %d, %d tokens)", found.path.name, step, samples)
+        return Built(stream, trainer, step)
 
-    def _train(self) -> Outcome:
-        trainer, res = self.trainer, self.settings.resilience
+    def _after_commit(self, committed: ckpt.CommittedCheckpoint) -> None:
+        """On the writer thread, once a checkpoint is committed: pin the config, then mirror."""
+        if not self.run.config_file.exists():
+            write_json_atomic(self.run.config_file, self.settings.comparable())
+        if self.uploader is not None:
+            self.uploader.submit(committed)
+
+    def _train(self, built: Built) -> Outcome:
+        trainer, stream, res = built.trainer, built.stream, self.settings.resilience
         total = trainer.cfg.total_training_samples
-        status = StatusFile(self.run.status_file, self.settings.name, total)
-        status.update(
-            state="running",
-            step=trainer.n_training_steps,
-            tokens_done=trainer.n_training_samples,
-            resumed_from_step=self.resumed_from,
-        )
+        status = self.status
+        assert status is not None
+        status.update(state="running", step=trainer.n_training_steps, tokens_done=trainer.n_training_samples)
+        status.update(resumed_from_step=built.resumed_from)
         status.write()
-        writer = ckpt.CheckpointWriter(
-            self.run.checkpoints, res.keep_last, self.mirror.upload if self.mirror is not None else None
-        )
+        if self.mirror is not None:
+            self.uploader = MirrorUploader(self.mirror, res.mirror_max_consecutive_failures, res.mirror_retry_seconds)
+        retain = self.uploader.retain(self.run.checkpoints, res.keep_last) if self.uploader is not None else None
+        writer = ckpt.CheckpointWriter(self.run.checkpoints, res.keep_last, self._after_commit, retain)
         # The optimizer step is the one place the large tensors change; it waits for a
         # snapshot in flight to finish copying them.
         trainer.optimizer.register_step_pre_hook(lambda *_: writer.wait_staged())
-        self._estimate_scaler_if_needed()
+        self._estimate_scaler_if_needed(trainer, stream)
         progress = Progress(total, trainer.n_training_samples)
         start_time, start_tokens = time.monotonic(), trainer.n_training_samples
         last_checkpoint_time, last_checkpoint_tokens = time.monotonic(), trainer.n_training_samples
@@ -217,71 +315,81 @@ class TrainingRun:
         try:
             while trainer.n_training_samples < total:
                 trainer.maybe_reset_sparsity()
-                output = trainer.step(next(self.stream))
+                output = trainer.step(next(stream))
                 trainer.n_training_steps += 1
-                if self.stop.requested:
+                if self.stop.requested or self._mirror_failed():
                     break
                 now = time.monotonic()
                 tokens_due = res.checkpoint_every_tokens is not None and (
                     trainer.n_training_samples - last_checkpoint_tokens >= res.checkpoint_every_tokens
                 )
                 if tokens_due or now - last_checkpoint_time >= res.checkpoint_every_seconds:
-                    writer.submit(take_snapshot(trainer, self.stream, self.config_hash, versions()))
+                    writer.submit(take_snapshot(trainer, stream, self.config_hash, versions()))
                     last_checkpoint_time, last_checkpoint_tokens = now, trainer.n_training_samples
                 if now - last_status >= res.status_every_seconds:
                     last_status = now
                     rate = (trainer.n_training_samples - start_tokens) / max(now - start_time, 1e-9)
                     losses = {k: float(v.item() if hasattr(v, "item") else v) for k, v in output.losses.items()}
-                    self._report(status, writer, rate, losses)
+                    self._report(trainer, writer, rate, losses)
                     progress.update(trainer.n_training_samples, trainer.n_training_steps, losses, rate)
-            if self.stop.requested and trainer.n_training_samples < total:
-                writer.submit(take_snapshot(trainer, self.stream, self.config_hash, versions()))
+            if trainer.n_training_samples < total and (self.stop.requested or self._mirror_failed()):
+                writer.submit(take_snapshot(trainer, stream, self.config_hash, versions()))
                 committed = writer.wait()
-                message = (
-                    f"stopped by {self.stop.signal_name}; checkpoint {committed.path.name if committed else '?'} saved"
-                )
-                self._report(status, writer, None, {}, state="interrupted", message=message)
+                saved = f"checkpoint {committed.path.name if committed else '?'} saved"
+                if self.uploader is not None and self.uploader.fatal is not None:
+                    raise CheckpointError(f"{self.uploader.fatal}; {saved}")
+                message = f"stopped by {self.stop.signal_name}; {saved}"
+                self._close_uploader()
+                self._report(trainer, writer, None, {}, state="interrupted", message=message)
                 return Outcome(EXIT_INTERRUPTED, message + "; run the same command to continue")
             writer.wait()
-            self._save_final()
-            self._report(status, writer, None, {}, state="finished", message=None)
+            if not self.run.config_file.exists():  # a run too short for a checkpoint: pin it now
+                write_json_atomic(self.run.config_file, self.settings.comparable())
+            save_final(trainer, self.cfg, self.run, versions())
+            self._close_uploader()
+            self._report(trainer, writer, None, {}, state="finished", message=None)
             return Outcome(EXIT_FINISHED, f"finished: the SAE is in {self.run.final}")
-        except BaseException as exc:
+        except BaseException:
             with contextlib.suppress(BaseException):
                 writer.wait()
-            status.update(state="failed", message=" ".join(str(exc).split())[:500] or type(exc).__name__)
-            with contextlib.suppress(OSError):
-                status.write()
             raise
         finally:
             progress.close()
 
-    def _estimate_scaler_if_needed(self) -> None:
+    def _mirror_failed(self) -> bool:
+        return self.uploader is not None and self.uploader.fatal is not None
+
+    def _close_uploader(self) -> None:
+        """The newest checkpoint gets one last try at the mirror before the launch ends."""
+        if self.uploader is not None:
+            self.uploader.close()
+
+    def _estimate_scaler_if_needed(self, trainer: Any, stream: ActivationStream) -> None:
         # Same rule as SAETrainer.fit: statistics restored from a checkpoint are kept.
-        trainer = self.trainer
         mode = trainer.sae.cfg.normalize_activations
         if mode == "expected_average_only_in" and trainer.activation_scaler.scaling_factor is None:
             trainer.activation_scaler.estimate_scaling_factor(
                 d_in=trainer.sae.cfg.d_in,
-                data_provider=self.stream,
+                data_provider=stream,
                 n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
             )
         elif mode == "covariance_whitening" and trainer.activation_scaler.whitening is None:
             trainer.activation_scaler.estimate_whitening(
                 d_in=trainer.sae.cfg.d_in,
-                data_provider=self.stream,
+                data_provider=stream,
                 n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
             )
 
     def _report(
         self,
-        status: StatusFile,
+        trainer: Any,
         writer: ckpt.CheckpointWriter,
         rate: float | None,
         losses: dict[str, float],
         **extra: Any,
     ) -> None:
-        trainer = self.trainer
+        status = self.status
+        assert status is not None
         total = trainer.cfg.total_training_samples
         last = writer.last_committed
         fields: dict[str, Any] = {
@@ -293,6 +401,8 @@ class TrainingRun:
         }
         if losses:
             fields["losses"] = losses
+        if self.uploader is not None:
+            fields["mirror"] = self.uploader.status()
         if last is not None:
             fields["last_checkpoint"] = {
                 "step": last.step,
@@ -303,59 +413,6 @@ class TrainingRun:
         status.update(**fields)
         status.write()
 
-    def _save_final(self) -> None:
-        """Fold the scaler into the weights (as SAETrainer.fit does) and save atomically."""
-        from safetensors.torch import save_file
-
-        trainer = self.trainer
-        scaler = trainer.activation_scaler
-        if scaler.scaling_factor is not None:
-            trainer.sae.fold_activation_norm_scaling_factor(scaler.scaling_factor)
-            scaler.scaling_factor = None
-        if scaler.whitening is not None:
-            w = scaler.whitening
-            trainer.sae.fold_activation_whitening(
-                mean=w.mean, whitening_matrix=w.matrix, unwhitening_matrix=w.inverse_matrix
-            )
-            scaler.whitening = None
-        trainer.set_final_sae_metadata()
-        tmp = self.run.root / f".final-tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        trainer.sae.save_inference_model(str(tmp))
-        save_file({"sparsity": trainer.log_feature_sparsity}, str(tmp / "sparsity.safetensors"))
-        (tmp / "runner_cfg.json").write_text(json.dumps(self.cfg.to_dict(), default=str))
-        (tmp / FINISHED_MARKER).write_text(
-            json.dumps({"step": trainer.n_training_steps, "tokens": trainer.n_training_samples, **versions()})
-        )
-        for path in tmp.iterdir():
-            fsync_file(path)
-        if self.run.final.exists():
-            shutil.rmtree(self.run.final)
-        os.rename(tmp, self.run.final)
-        fsync_dir(self.run.root)
-
-
-def _set_sae_metadata(sae: Any, cfg: Any) -> None:
-    """What LanguageModelSAETrainingRunner records, so tools built on SAELens find it."""
-    meta = sae.cfg.metadata
-    for field in (
-        "dataset_path",
-        "hook_name",
-        "model_name",
-        "model_class_name",
-        "hook_head_index",
-        "context_size",
-        "seqpos_slice",
-        "model_from_pretrained_kwargs",
-        "prepend_bos",
-        "exclude_special_tokens",
-        "sequence_separator_token",
-        "disable_concat_sequences",
-    ):
-        setattr(meta, field, getattr(cfg, field))
-
 
 def train(settings: RunSettings, runs_dir: Path, fresh: bool = False) -> Outcome:
-    if settings.runner_fields.get("training_tokens", 1) <= 0:
-        raise RunConfigError(f"{settings.source}: field 'training_tokens' must be positive")
     return TrainingRun(settings, runs_dir, fresh).execute()

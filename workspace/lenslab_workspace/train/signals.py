@@ -12,14 +12,18 @@ import os
 import signal
 import sys
 from types import FrameType
+from typing import Any
+
+from lenslab.contract import EXIT_SECOND_SIGNAL
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-EXIT_ON_SECOND_SIGNAL = 130
+EXIT_ON_SECOND_SIGNAL = EXIT_SECOND_SIGNAL
 
 
 class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
@@ -27,7 +31,13 @@ class StopRequest:
 
     def install(self) -> None:
         for sig in HANDLED:
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Put back the handlers ``install`` replaced (lenslab-train may run inside another program)."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal_name is not None:

@@ -9,6 +9,11 @@ What an exact resume needs, and where it lives in a checkpoint directory:
     lenslab_state.pt         activation scaler, RNG states (python, numpy, torch, CUDA),
                              the data position and the mixing buffer's contents
 
+The ``.pt`` files hold only tensors, numbers, strings and containers (the numpy RNG state is
+stored as a tensor), and are read with ``torch.load(weights_only=True)``: a checkpoint from a
+mirror or another machine can hold data, never code. A file that needs anything else is
+refused (``CheckpointError``) before any of it is used.
+
 A snapshot copies the small state at once and the large tensors (weights, Adam moments) on
 the writer thread while the next step's forward and backward run; the optimizer step waits
 for that copy. The loop is blocked only for the small copy, and the files are written in the
@@ -19,8 +24,10 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,7 @@ import torch
 
 from lenslab_workspace.train.checkpoint import Snapshot
 from lenslab_workspace.train.data import ActivationStream
+from lenslab_workspace.train.errors import CheckpointError
 
 SAE_WEIGHTS = "sae_weights.safetensors"
 SAE_CFG = "cfg.json"
@@ -72,10 +80,41 @@ def stage(deferred: list[tuple[dict[Any, Any] | list[Any], Any, torch.Tensor]]) 
         container[key] = tensor.detach().to("cpu", copy=True)
 
 
+# SAETrainer's fields an exact resume needs besides the optimizer and schedulers; saved and
+# restored by the same list.
+TRAINER_FIELDS = (
+    "n_training_samples",
+    "n_training_steps",
+    "act_freq_scores",
+    "n_forward_passes_since_fired",
+    "n_frac_active_samples",
+    "started_fine_tuning",
+)
+
+
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's legacy RNG state as plain values and a tensor, so no numpy type is pickled."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "kind": str(kind),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def set_numpy_rng_state(state: Any) -> None:
+    if isinstance(state, dict):
+        keys = state["keys"].numpy().astype(np.uint32)
+        state = (state["kind"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
+    np.random.set_state(state)  # a tuple: a checkpoint written before the plain form
+
+
 def rng_states() -> dict[str, Any]:
     states: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": numpy_rng_state(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
@@ -84,8 +123,9 @@ def rng_states() -> dict[str, Any]:
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    set_numpy_rng_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -111,12 +151,7 @@ def take_snapshot(trainer: Any, stream: ActivationStream, config_hash: str, vers
         {
             "optimizer": trainer.optimizer.state_dict(),
             "lr_scheduler": trainer.lr_scheduler.state_dict(),
-            "n_training_samples": trainer.n_training_samples,
-            "n_training_steps": trainer.n_training_steps,
-            "act_freq_scores": trainer.act_freq_scores,
-            "n_forward_passes_since_fired": trainer.n_forward_passes_since_fired,
-            "n_frac_active_samples": trainer.n_frac_active_samples,
-            "started_fine_tuning": trainer.started_fine_tuning,
+            **{name: getattr(trainer, name) for name in TRAINER_FIELDS},
             "coefficient_schedulers": {n: s.state_dict() for n, s in trainer.coefficient_schedulers.items()},
         },
         deferred,
@@ -167,8 +202,68 @@ def take_snapshot(trainer: Any, stream: ActivationStream, config_hash: str, vers
     )
 
 
-def restore(trainer: Any, stream: ActivationStream, checkpoint: Path, device: str) -> None:
-    """Load a verified checkpoint into a freshly built trainer and stream."""
+# Types that checkpoints written before the RNG state was stored as plain values contain; only
+# numpy arrays and dtypes, which reconstruct data and call nothing else.
+def _legacy_numpy_globals() -> list[Any]:
+    core = getattr(np, "_core", None) or np.core
+    allowed: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed.append(dtypes.UInt32DType)
+    return allowed
+
+
+@contextmanager
+def _allow_legacy_numpy() -> Iterator[None]:
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5: only the plain form loads
+        yield
+        return
+    with safe_globals(_legacy_numpy_globals()):
+        yield
+
+
+def load_state_file(path: Path) -> dict[str, Any]:
+    """Read a checkpoint's ``.pt`` file as data only; anything that would run code is refused."""
+    try:
+        with _allow_legacy_numpy():
+            value = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, AttributeError, EOFError) as exc:
+        raise CheckpointError(
+            f"{path.parent.name}/{path.name} holds something other than tensors and numbers, so it was "
+            f"not loaded ({_why_refused(exc)})"
+        ) from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path.parent.name}/{path.name}: not a lenslab state file")
+    return value
+
+
+def _why_refused(exc: BaseException) -> str:
+    """torch's refusal is a page of advice; keep the line that names the offending global."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(exc).__name__])[0][:200]
+
+
+def load_states(checkpoint: Path) -> dict[str, dict[str, Any]]:
+    """Both ``.pt`` files of a checkpoint, read safely; raises ``CheckpointError`` if refused."""
+    states = {name: load_state_file(checkpoint / name) for name in (TRAINER_STATE, LENSLAB_STATE)}
+    missing = [k for k in ("optimizer", "lr_scheduler", *TRAINER_FIELDS) if k not in states[TRAINER_STATE]]
+    missing += [k for k in ("scaler", "stream", "rng") if k not in states[LENSLAB_STATE]]
+    if missing:
+        raise CheckpointError(f"{checkpoint.name}: state files lack {', '.join(missing)}")
+    return states
+
+
+def _to_device(value: Any, device: str) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def restore(
+    trainer: Any, stream: ActivationStream, checkpoint: Path, device: str, states: dict[str, dict[str, Any]]
+) -> None:
+    """Load a verified checkpoint (its ``.pt`` files already read by ``load_states``) into a
+    freshly built trainer and stream."""
     from sae_lens.training.activation_scaler import ActivationWhitening
     from safetensors.torch import load_file
 
@@ -176,23 +271,20 @@ def restore(trainer: Any, stream: ActivationStream, checkpoint: Path, device: st
     trainer.sae.process_state_dict_for_loading(weights)
     trainer.sae.load_state_dict(weights)
 
-    state = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=False)
+    state = states[TRAINER_STATE]
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    trainer.n_training_samples = state["n_training_samples"]
-    trainer.n_training_steps = state["n_training_steps"]
-    trainer.act_freq_scores = state["act_freq_scores"]
-    trainer.n_forward_passes_since_fired = state["n_forward_passes_since_fired"]
-    trainer.n_frac_active_samples = state["n_frac_active_samples"]
-    trainer.started_fine_tuning = state["started_fine_tuning"]
+    for name in TRAINER_FIELDS:
+        setattr(trainer, name, _to_device(state[name], device))
     for name, scheduler_state in state["coefficient_schedulers"].items():
         trainer.coefficient_schedulers[name].load_state_dict(scheduler_state)
 
-    extra = torch.load(checkpoint / LENSLAB_STATE, map_location="cpu", weights_only=False)
+    extra = states[LENSLAB_STATE]
     scaler = extra["scaler"]
     trainer.activation_scaler.scaling_factor = scaler["scaling_factor"]
     if scaler["whitening"] is not None:
-        trainer.activation_scaler.whitening = ActivationWhitening(**scaler["whitening"])
+        whitening = {k: _to_device(v, device) for k, v in scaler["whitening"].items()}
+        trainer.activation_scaler.whitening = ActivationWhitening(**whitening)
     stream.load_state_dict(extra["stream"], device=stream_device(stream))
     restore_rng_states(extra["rng"])
 

@@ -15,15 +15,27 @@ Schema (version 1), every key always present:
       "last_checkpoint": {"step": int, "tokens": int, "path": str, "time": float} | null,
       "resumed_from_step": int | null,
       "message": str | null,         why it failed or was interrupted
+      "mirror": {"url": str, "last_uploaded": str | null, "consecutive_failures": int,
+                 "errors_total": int, "last_error": str | null} | null,   null without a mirror
       "pid": int, "hostname": str,
+      "boot_id": str | null,         /proc/sys/kernel/random/boot_id of the machine
+      "pid_start_ticks": int | null, the process's start time (field 22 of /proc/<pid>/stat)
       "started_at": float, "updated_at": float    unix seconds
     }
 
 It is replaced atomically (write aside, fsync, rename), so a reader never sees half a file.
+
+A trainer killed with SIGKILL (or with its machine) leaves ``"state": "running"``. To tell a
+live run from a dead one, evaluate ``is_alive(status)`` where the trainer ran (on the box, in
+the same PID namespace, i.e. inside the run's container when it runs in one; e.g.
+``python -c 'import json,sys; from lenslab_workspace.train.status import is_alive;
+print(is_alive(json.load(open(sys.argv[1]))))' runs/<name>/status.json``). The pid alone is
+not enough (pids are reused): the boot id and the pid's start time must match too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -37,6 +49,48 @@ log = logging.getLogger("lenslab.train")
 
 SCHEMA_VERSION = 1
 STATES = ("starting", "running", "finished", "interrupted", "failed")
+ACTIVE_STATES = ("starting", "running")
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str | None:
+    try:
+        return BOOT_ID_FILE.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def pid_start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot; None if there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+    fields = text[text.rfind(")") + 2 :].split()
+    with contextlib.suppress(IndexError, ValueError):
+        return int(fields[19])
+    return None
+
+
+def is_alive(status: dict[str, Any]) -> bool | None:
+    """Whether the trainer that wrote ``status`` still runs: True, False, or None (cannot tell
+    from here: another host, or no /proc).
+
+    A finished, interrupted or failed run is not alive. A "starting"/"running" one is alive only
+    if this is the same host and boot and its pid is a process that started when it did.
+    """
+    if status.get("state") not in ACTIVE_STATES:
+        return False
+    if status.get("hostname") != socket.gethostname():
+        return None
+    here = boot_id()
+    if here is None or not isinstance(status.get("pid"), int):
+        return None
+    if status.get("boot_id") != here:
+        return False  # the machine rebooted since: every process of that boot is gone
+    started = pid_start_ticks(status["pid"])
+    return started is not None and started == status.get("pid_start_ticks")
 
 
 class StatusFile:
@@ -56,8 +110,11 @@ class StatusFile:
             "last_checkpoint": None,
             "resumed_from_step": None,
             "message": None,
+            "mirror": None,
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
+            "boot_id": boot_id(),
+            "pid_start_ticks": pid_start_ticks(os.getpid()),
             "started_at": self.started_at,
             "updated_at": self.started_at,
         }

@@ -1,0 +1,1 @@
+"""vast.ai: its API client (``api``: offers, interruptible bids and instances over REST)."""
