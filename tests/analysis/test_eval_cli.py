@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,10 @@ def test_unfinished_run_is_evaluated_from_its_newest_checkpoint(tiny_run: Path, 
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["sae"] == str(newest) and "newest checkpoint" in result.stderr
-    assert 0 < summary["metrics"]["explained_variance"] <= 1
+    # A checkpoint's weights expect scaled inputs: evaluated with its scaler, the numbers are
+    # those of a real SAE (the short run's SAE is weak, so no bound on their quality here).
+    assert all(math.isfinite(v) for v in summary["metrics"].values())
+    assert summary["metrics"]["l0"] == pytest.approx(16.0) and summary["metrics"]["explained_variance"] <= 1
 
 
 def assert_one_line_error(result: Any, *words: str) -> None:

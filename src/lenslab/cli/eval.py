@@ -157,11 +157,21 @@ def pull_eval(runner: Runner, remote_dir: str, dest: Path) -> Path:
     return target
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(commands, "eval", evaluate)
     parser.add_argument("run_name", metavar="NAME", type=run_name)
     parser.add_argument("--open", action="store_true", help="open report.html in a browser")
-    parser.add_argument("--tokens", type=int, help="tokens to evaluate on (lenslab-eval's default: 100000)")
-    parser.add_argument("--features", type=int, help="features with contexts in the report")
+    parser.add_argument("--tokens", type=_positive, help="tokens to evaluate on (lenslab-eval's default: 100000)")
+    parser.add_argument("--features", type=_positive, help="features with contexts in the report")
     parser.add_argument("--dataset", help="evaluate on this dataset (a path on the box or a Hugging Face name)")
     parser.add_argument("--dest", help="local directory of the run (default: ./runs/NAME)")
