@@ -3,7 +3,11 @@
 
 Runs on the box as root (standard library only). The box counts as idle only when all hold:
 - no authenticated SSH session (VSCode's Remote-SSH included): counted from sshd's per-session
-  processes, so a connection that never logs in (an internet scanner) keeps nothing up;
+  processes, so a connection that never logs in (an internet scanner) keeps nothing up. A process's
+  name and title are its owner's to choose, so a session counts only when the installed sshd
+  program runs it and a root-owned sshd is its parent (see is_real_session): no unprivileged user
+  can keep the box up by posing as one. Reading other users' /proc/PID/exe takes root's
+  CAP_SYS_PTRACE; without it no session counts;
 - no running lenslab training container of this box (labels ``lenslab.role=train`` and, when
   configured, ``lenslab.box=<name>``);
 - every GPU's utilisation is under the threshold;
@@ -29,7 +33,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Any
+from typing import Any, NamedTuple
 
 CHECK_EVERY_SECONDS = 60.0
 # Equal to lenslab.contract.STOP_TIMEOUT_SECONDS (this script runs alone on the box and cannot
@@ -45,30 +49,106 @@ DEV_LABEL = "lenslab.role=dev"
 # "sshd: [accepted]", "sshd: [net]", "sshd: USER [priv]", "sshd: USER [net]", "... [preauth]".
 SSHD_PROGRAMS = ("sshd", "sshd-session")
 SESSION_TITLE = re.compile(r"(?:sshd|sshd-session): [^\s\[\]@]+(?:@(?:pts/[0-9]+|notty))?")
+# The root-owned monitor that forks a non-root user's session process.
+MONITOR_TITLE = re.compile(r"(?:sshd|sshd-session): [^\s\[\]@]+ \[priv\]")
+# Where Debian/Ubuntu and other distributions install OpenSSH's server programs.
+SSHD_PATHS = ("/usr/sbin/sshd", "/usr/lib/openssh/sshd-session", "/usr/libexec/openssh/sshd-session",
+              "/usr/libexec/sshd-session")  # fmt: skip
+
+FileId = tuple[int, int]  # (st_dev, st_ino): the same file whatever name or mount it is reached by
+
+
+class Process(NamedTuple):
+    pid: int
+    ppid: int
+    uid: int  # real uid
+    euid: int
+    program: str  # comm: the basename of what was exec'd, so anyone can choose it
+    cmdline: bytes  # argv: its owner writes it freely
+    exe: FileId | None  # the executable file itself (readable with root's CAP_SYS_PTRACE)
 
 
 def is_session(program: str, cmdline: bytes) -> bool:
-    """A process that is an authenticated SSH session: sshd's program (the kernel's name for the
-    executable, which a user cannot rename with argv[0]) with a USER or USER@TTY title."""
-    title = cmdline.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
-    return program in SSHD_PROGRAMS and SESSION_TITLE.fullmatch(title) is not None
+    """A process titled like an authenticated SSH session: sshd's name with a USER or USER@TTY
+    title. Only a first filter: its owner chooses both the name and the title."""
+    return program in SSHD_PROGRAMS and SESSION_TITLE.fullmatch(_title(cmdline)) is not None
+
+
+def is_real_session(process: Process, parent: Process | None, sshd_files: set[FileId]) -> bool:
+    """An authenticated SSH session that no unprivileged user can fake: the session title, the
+    installed sshd program running it, and a root-owned sshd parent. A user can neither create a
+    root process nor pick their process's parent; an orphan is adopted by PID 1, which in a
+    container may be sshd itself, so a non-root session's parent must be the ``[priv]`` monitor
+    (a root process's title is root's to write)."""
+    if not is_session(process.program, process.cmdline) or process.exe not in sshd_files:
+        return False
+    if parent is None or parent.pid != process.ppid or (parent.uid, parent.euid) != (0, 0):
+        return False
+    if parent.exe not in sshd_files:
+        return False
+    # A root-owned session process is root's own doing, whatever sshd process forked it.
+    return process.uid == 0 or MONITOR_TITLE.fullmatch(_title(parent.cmdline)) is not None
+
+
+def read_process(proc: str, pid: int) -> Process | None:
+    """One process's facts, or None when it ended (or ends) while we read them."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as handle:
+            ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
+        with open(f"{proc}/{pid}/status", "rb") as handle:
+            uids = next(line for line in handle if line.startswith(b"Uid:")).split()[1:3]
+        with open(f"{proc}/{pid}/comm", "rb") as handle:
+            program = handle.read().decode("utf-8", "replace").strip()
+        with open(f"{proc}/{pid}/cmdline", "rb") as handle:
+            cmdline = handle.read(4096)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    try:
+        exe = os.stat(f"{proc}/{pid}/exe")  # follows the link, even to a deleted (upgraded) file
+        exe_id: FileId | None = (exe.st_dev, exe.st_ino)
+    except OSError:
+        exe_id = None  # a kernel thread, a process that ended, or no right to look
+    return Process(pid, ppid, int(uids[0]), int(uids[1]), program, cmdline, exe_id)
+
+
+def sshd_files(processes: dict[int, Process]) -> set[FileId]:
+    """The sshd programs root installed or runs: the installed paths, and the executables of
+    root's own sshd processes (the listener, which still runs the old file after an upgrade)."""
+    files = {(st.st_dev, st.st_ino) for st in map(_stat, SSHD_PATHS) if st is not None and _root_only(st)}
+    for process in processes.values():
+        if (process.uid, process.euid) == (0, 0) and process.program in SSHD_PROGRAMS and process.exe:
+            files.add(process.exe)
+    return files
 
 
 def ssh_sessions(proc: str = "/proc") -> int:
     """Authenticated SSH sessions on this machine (one process per connection)."""
+    processes = {int(pid): p for pid in os.listdir(proc) if pid.isdigit() and (p := read_process(proc, int(pid)))}
+    trusted = sshd_files(processes)
     count = 0
-    for pid in os.listdir(proc):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"{proc}/{pid}/comm", "rb") as handle:
-                program = handle.read().decode("utf-8", "replace").strip()
-            with open(f"{proc}/{pid}/cmdline", "rb") as handle:
-                cmdline = handle.read(4096)
-        except OSError:
-            continue  # the process ended while we looked
-        count += is_session(program, cmdline)
+    for process in processes.values():
+        if is_real_session(process, processes.get(process.ppid), trusted):
+            # The parent may have ended and its PID gone to another process since we read it:
+            # then this process was adopted and its parent PID changed.
+            again = read_process(proc, process.pid)
+            count += again is not None and again.ppid == process.ppid
     return count
+
+
+def _title(cmdline: bytes) -> str:
+    return cmdline.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _root_only(st: os.stat_result) -> bool:
+    """A file only root can have written (owned by root, not group- or world-writable)."""
+    return st.st_uid == 0 and not st.st_mode & 0o022
 
 
 def containers_with(*labels: str) -> list[str]:

@@ -108,7 +108,8 @@ ProviderName = Annotated[str, _shaped(_provider_problem)]
 class BoxConfig(BaseModel):
     """The ``[box]`` table. Strict: TOML has real types, so "22" is no port and "yes" no bool."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # No inf or nan: `budget_usd = inf` would be a budget never reached, nan one never compared.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: BoxName
     provider: ProviderName

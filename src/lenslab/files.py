@@ -85,7 +85,11 @@ def locked() -> Iterator[None]:
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    """Replace ``path`` in one step, so a crash or a reader never sees half a file."""
+    """Replace ``path`` in one step, so a crash or a reader never sees half a file.
+
+    A symlinked ``path`` (an ~/.ssh/config kept in a dotfiles repository) stays a link: the new
+    text replaces the file it points to, written beside that file so the rename stays atomic."""
+    path = path.resolve() if path.is_symlink() else path
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     except OSError as exc:

@@ -162,7 +162,8 @@ def _remove_include() -> None:
     rest = _strip_ours(original)
     if rest != original:
         _backup(path, original)
-        if rest.strip():
+        if rest.strip() or path.is_symlink():
+            # A symlinked config stays a link, even when lenslab's header was all there was.
             files.write_atomic(path, rest, _mode_of(path))
         else:
             path.unlink()  # lenslab's header was all there was

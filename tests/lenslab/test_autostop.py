@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lenslab_testkit
 import paramiko
 import pytest
 from lenslab_testkit import IMAGE, LABEL, VM, docker
@@ -71,6 +73,22 @@ class Watcher:
         assert out.returncode == 0, out.stderr
         state: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
         return state
+
+
+@pytest.fixture
+def vm(vm_factory: type[VM], monkeypatch: pytest.MonkeyPatch) -> VM:
+    """A fresh VM whose root may, like a real box's root, read /proc/PID/exe of sshd's processes
+    (they are not dumpable, so that takes CAP_SYS_PTRACE, which Docker leaves out by default)."""
+
+    def docker_with_ptrace(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        if args[:1] == ("run",):
+            args = ("run", "--cap-add", "SYS_PTRACE", *args[1:])
+        result: subprocess.CompletedProcess[str] = docker(*args, check=check)
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lenslab_testkit, "docker", docker_with_ptrace)
+        return vm_factory().start()
 
 
 @pytest.fixture
@@ -154,10 +172,83 @@ def test_session_titles() -> None:
     script = _load_watcher()
     for title in SESSION_TITLES:
         assert script.is_session("sshd", title) and script.is_session("sshd-session", title), title
-        # argv[0] is the user's to set; the kernel's name for the program is not.
         assert not script.is_session("bash", title), title
     for title in NOT_SESSIONS:
         assert not script.is_session("sshd", title) and not script.is_session("sshd-session", title), title
+
+
+# Spoofs an unprivileged user can start: a copy of sleep named sshd, titled like a session, once
+# adopted by PID 1 (the box's sshd listener here, so its parent is a root-owned sshd) and once a
+# child of the user's own shell.
+SPOOFS = (
+    "mkdir -p /tmp/spoof && cp /bin/sleep /tmp/spoof/sshd && chmod -R 755 /tmp/spoof && "
+    "setsid setpriv --reuid=65534 --regid=65534 --clear-groups bash -c "
+    "'(exec -a \"sshd: nobody@notty\" /tmp/spoof/sshd 120 &)' </dev/null >/dev/null 2>&1 & "
+    "setsid setpriv --reuid=65534 --regid=65534 --clear-groups bash -c "
+    "'exec -a \"sshd: nobody@pts/0\" /tmp/spoof/sshd 120 & wait' </dev/null >/dev/null 2>&1 &"
+)
+
+
+def test_processes_posing_as_sessions_do_not_keep_the_box_up(watcher: Watcher, keypair: Path) -> None:
+    vm = watcher.vm
+    assert vm.exec(SPOOFS).returncode == 0
+    deadline = time.monotonic() + 10
+    posing: set[tuple[str, str]] = set()
+    while len(posing) < 2 and time.monotonic() < deadline:
+        listing = vm.exec("ps -u nobody -o ppid=,args=").stdout.splitlines()
+        posing = {(ppid, title) for ppid, title in (line.split(None, 1) for line in listing) if "@" in title}
+        time.sleep(0.1)
+    assert ("1", "sshd: nobody@notty 120") in posing, posing  # adopted by the sshd listener (PID 1)
+    assert any(title == "sshd: nobody@pts/0 120" and ppid != "1" for ppid, title in posing), posing
+    idle = watcher.run("--once")
+    assert idle["busy"] == [], idle
+    client = _session(vm, keypair)
+    try:
+        busy = watcher.run("--once")
+    finally:
+        client.close()
+    assert busy["busy"] == ["1 SSH session(s)"], busy
+
+
+SSHD = (8, 100)  # (st_dev, st_ino) of the installed sshd
+
+
+def _process(pid: int, ppid: int, uid: int, title: bytes, exe: tuple[int, int] | None = SSHD) -> Any:
+    return _load_watcher().Process(pid, ppid, uid, uid, "sshd", title, exe)
+
+
+def test_only_sshds_own_session_processes_count() -> None:
+    script = _load_watcher()
+    listener = _process(1, 0, 0, b"sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups")
+    monitor = _process(20, 1, 0, b"sshd: debian [priv]")
+    session = _process(21, 20, 1000, b"sshd: debian@notty")
+    trusted = {SSHD}
+    assert script.is_real_session(session, monitor, trusted)
+    # A root login: the monitor itself takes the session title; its parent is the listener.
+    assert script.is_real_session(_process(30, 1, 0, b"sshd: root@pts/0"), listener, trusted)
+    refused = [
+        (session._replace(exe=(8, 101)), monitor),  # a copy of some program named sshd
+        (session._replace(exe=None), monitor),  # its executable could not be read
+        (session._replace(cmdline=b"sshd: debian [net]"), monitor),  # not authenticated
+        (session, None),  # the parent ended
+        (session, monitor._replace(pid=22)),  # another process than its parent
+        (session, monitor._replace(uid=1000, euid=1000)),  # a parent the user owns
+        (session, monitor._replace(euid=1000)),
+        (session, monitor._replace(exe=(8, 101))),  # a root parent that is not sshd
+        (session._replace(ppid=1), listener),  # a user's orphan, adopted by an sshd that is PID 1
+    ]
+    for process, parent in refused:
+        assert not script.is_real_session(process, parent, trusted), (process, parent)
+
+
+def test_reading_processes() -> None:
+    script = _load_watcher()
+    me = script.read_process("/proc", os.getpid())
+    executable = os.stat(f"/proc/{os.getpid()}/exe")
+    assert (me.ppid, me.uid, me.exe) == (os.getppid(), os.getuid(), (executable.st_dev, executable.st_ino))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    assert script.read_process("/proc", ended.pid) is None  # reaped: gone while we looked
 
 
 def test_watcher_constants_match_the_contract() -> None:

@@ -122,3 +122,16 @@ def test_the_starter_loads_for_every_provider(project: Path) -> None:
         if provider == "ssh":
             path.write_text(path.read_text().replace('# host = "203', 'host = "203').replace('# user = "', 'user = "'))
         assert config.load(path).box.provider == provider
+
+
+@pytest.mark.parametrize(
+    "field", ["budget_usd", "max_price_per_hour", "min_vram_gb", "idle_minutes", "boot_timeout_minutes"]
+)
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_numbers_are_refused_in_one_line(tmp_path: Path, field: str, value: str) -> None:
+    path = tmp_path / "lenslab.toml"
+    path.write_text(BASE + f"{field} = {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value).startswith(f"{path}: box.{field}: Input should be a finite number")
+    assert "\n" not in str(caught.value)

@@ -14,7 +14,7 @@ import pytest
 from labkit import imagekit, tiny_run
 from lenslab_testkit import IMAGE, LABEL, docker, free_port, lenslab
 
-from lenslab.errors import ConfigError
+from lenslab.errors import ConfigError, LenslabError
 from lenslab.remote import follow, pull
 
 
@@ -299,5 +299,7 @@ def test_logs_of_a_run_without_a_container_print_its_log_file(tmp_path: Path) ->
     follow.Follower(lambda: None, "r", out=out)._print_log_file(session)  # type: ignore[arg-type,return-value]
     assert out.getvalue() == b"line 1\nline 2\n"
     empty = io.BytesIO()
-    follow.Follower(lambda: None, "gone", out=empty)._print_log_file(session)  # type: ignore[arg-type,return-value]
+    # No container and no log file: no run of that name, said in one line (not an empty log).
+    with pytest.raises(LenslabError, match="run gone has no container and no log file on the box"):
+        follow.Follower(lambda: None, "gone", out=empty)._print_log_file(session)  # type: ignore[arg-type,return-value]
     assert empty.getvalue() == b""

@@ -141,7 +141,10 @@ def test_a_provider_without_a_key_is_one_line_and_the_others_show(clouds: Clouds
     result = run(clouds, "offers", env=clouds.env(RUNPOD_API_KEY=None))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "runpod: no key (set RUNPOD_API_KEY or write ~/.config/lenslab/runpod-api-key)" in lines
+    # The note goes to stderr: stdout holds only the table.
+    note = "runpod: no key (set RUNPOD_API_KEY or write ~/.config/lenslab/runpod-api-key)"
+    assert result.stderr.splitlines() == [note]
+    assert lines[0].startswith("provider ") and not [line for line in lines if "no key" in line]
     assert not [line for line in lines if line.startswith("runpod ")]  # no runpod rows
     assert any(line.startswith("vast ") for line in lines) and any(line.startswith("lambda ") for line in lines)
     assert not [r for r in clouds.runpod.requests if r[0] == "POST"]  # RunPod was not asked
@@ -154,7 +157,8 @@ def test_a_key_file_must_be_private_and_works_when_it_is(clouds: Clouds, home: P
     key_file.chmod(0o644)
     result = run(clouds, "offers", env=clouds.env(VAST_API_KEY=None))
     assert result.returncode == 0
-    assert f"vast: failed: {key_file}: readable by others (mode 644); run `chmod 600 {key_file}`" in result.stdout
+    assert f"vast: failed: {key_file}: readable by others (mode 644); run `chmod 600 {key_file}`" in result.stderr
+    assert "failed" not in result.stdout
     key_file.chmod(0o600)
     data = json.loads(run(clouds, "offers", "--json", env=clouds.env(VAST_API_KEY=None)).stdout)
     assert {p["provider"]: p["status"] for p in data["providers"]}["vast"] == "ok"
@@ -173,23 +177,24 @@ def test_a_provider_that_is_down_is_one_line_while_the_others_answer(clouds: Clo
     assert {r["provider"] for r in data["offers"]} == {"runpod", "vast"}
 
     text = run(clouds, "offers", env=clouds.env(VAST_API_URL=closed_port_url("/api/v0")))
-    failed = [line for line in text.stdout.splitlines() if line.startswith("vast: failed: ")]
-    assert len(failed) == 1 and "did not answer" in failed[0]
+    failed = [line for line in text.stderr.splitlines() if line.startswith("vast: failed: ")]
+    assert len(failed) == 1 and "did not answer" in failed[0] and "failed" not in text.stdout
 
 
 def test_an_invalid_key_is_one_line(clouds: Clouds) -> None:
     wrong = "rp-wrong-key-that-must-not-be-printed"
     result = run(clouds, "offers", env=clouds.env(RUNPOD_API_KEY=wrong))
     assert result.returncode == 0 and wrong not in result.stdout + result.stderr
-    failed = [line for line in result.stdout.splitlines() if line.startswith("runpod: failed: ")]
+    failed = [line for line in result.stderr.splitlines() if line.startswith("runpod: failed: ")]
     assert len(failed) == 1 and "key" in failed[0].lower()
 
 
 def test_exit_code_is_non_zero_when_no_provider_answered(clouds: Clouds) -> None:
     result = run(clouds, "offers", env={})
     assert result.returncode == 5
-    assert result.stdout.splitlines()[0] == "no offers match"
-    assert [line.split(":")[0] for line in result.stdout.splitlines()[1:]] == ["lambda", "runpod", "vast"]
+    assert result.stdout == ""  # a pipe reading the table sees no table, not an error text
+    assert result.stderr.splitlines()[0] == "no offers match"
+    assert [line.split(":")[0] for line in result.stderr.splitlines()[1:]] == ["lambda", "runpod", "vast"]
 
 
 # -- lenslab up --cheapest -------------------------------------------------------------------

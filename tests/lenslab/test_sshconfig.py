@@ -158,3 +158,33 @@ def test_a_hand_edited_root_line_is_not_believed(home: Path) -> None:
     text = files.config_path().read_text().replace("    HostName", "    # lenslab-root relative/x\n    HostName")
     files.config_path().write_text(text)
     assert sshconfig.recorded_root("lenslab-a") is None
+
+
+def test_a_symlinked_user_config_stays_a_link_and_its_target_is_edited(home: Path) -> None:
+    dotfiles = home / "dotfiles"
+    dotfiles.mkdir()
+    target = dotfiles / "ssh_config"
+    target.write_text(USER_CONFIG)
+    target.chmod(0o644)
+    user_config = home / ".ssh" / "config"
+    user_config.parent.mkdir(mode=0o700)
+    user_config.symlink_to(target)
+
+    sshconfig.add(_entry("a"))
+    assert user_config.is_symlink() and user_config.resolve() == target
+    assert target.read_text().startswith(f"{sshconfig.MARKER}\n") and target.read_text().endswith(USER_CONFIG)
+    assert _mode(target) == "0o644"
+    # The temporary file was written beside the target and renamed onto it: nothing left over.
+    assert sorted(p.name for p in dotfiles.iterdir()) == ["ssh_config"]
+
+    sshconfig.remove("lenslab-a")
+    assert user_config.is_symlink() and target.read_text() == USER_CONFIG
+
+
+def test_write_atomic_through_a_link_keeps_the_link(tmp_path: Path) -> None:
+    target = tmp_path / "real"
+    target.write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    files.write_atomic(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"

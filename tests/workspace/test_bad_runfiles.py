@@ -9,7 +9,9 @@ lenslab-train runs in this process (``main(argv)``), so the whole corpus takes s
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from .conftest import CORPUS, REPO, train_in_process, tree_digest
+from .conftest import CORPUS, REPO, train_command, train_in_process, tree_digest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -108,6 +110,12 @@ CASES = [
     Case("lr-zero", {"lr": 0.0}, "'lr'"),
     Case("lr-negative", {"lr": -1e-3}, "'lr'"),
     Case("lr-word", {"lr": "fast"}, "'lr'"),
+    Case("lr-inf", {"lr": float("inf")}, "'lr': must be a finite number"),
+    Case("lr-nan", {"lr": float("nan")}, "'lr': must be a finite number"),
+    Case("mixing-minus-inf", {"activations_mixing_fraction": float("-inf")}, "'activations_mixing_fraction'"),
+    Case("l1-inf", {"sae.architecture": "standard", "sae.l1_coefficient": float("inf")}, "'sae.l1_coefficient'"),
+    Case("every-seconds-inf", {"resilience.checkpoint_every_seconds": float("inf")}, "'resilience.checkpoint_every"),
+    Case("retry-nan", {"resilience.mirror_retry_seconds": float("nan")}, "'resilience.mirror_retry_seconds'"),
     Case("batch-tokens-zero", {"train_batch_size_tokens": 0}, "'train_batch_size_tokens'"),
     Case("store-batch-zero", {"store_batch_size_prompts": 0}, "'store_batch_size_prompts'"),
     Case("buffer-zero", {"n_batches_in_buffer": 0}, "'n_batches_in_buffer'"),
@@ -190,7 +198,7 @@ CASES = [
     Case("rows-none", dataset="", expect="the file is empty (0 bytes)", names_file=False),
     Case("rows-too-short", dataset=ROWS_TEXT, expect="empty: it yields no complete sequence", names_file=False),
     Case("rows-no-text-column", dataset='{"foo": "bar"}\n', expect="no token or text column", names_file=False),
-    Case("rows-not-json", dataset="this is not json\n", expect="cannot load it", names_file=False),
+    Case("rows-not-json", dataset="this is not json\n", expect="cannot load it: JSON parse error", names_file=False),
     Case("rows-blank-lines", dataset="\n\n\n", expect="dataset_path", names_file=False),
     Case(
         "rows-tokens-strings",
@@ -245,15 +253,66 @@ def test_broken_run_file(
     assert code == case.code, err
     message = assert_one_line(err, case.expect, *([str(run_file)] if case.names_file else []))
     assert {k: v for k, v in tree_digest(runs).items() if k.split("/")[0] != "bad"} == before
-    made = runs / "bad"
-    if made.exists():  # refused once the model was built: a record of the failure, nothing else
-        try:
-            assert not (made / "run-config.json").exists() and not (made / "checkpoints").exists()
-            assert {p.name for p in made.iterdir()} <= {"status.json", "train.log", "data"}
-            status = json.loads((made / "status.json").read_text())
-            assert (status["state"], status["message"]) == ("failed", message)
-        finally:
-            shutil.rmtree(made)
+    assert message
+    # A new run refused at any point, even once the model was built or the data read, leaves
+    # no run directory behind.
+    assert not (runs / "bad").exists()
+    if case.runs_dir is not None:
+        assert not (runs_arg / "bad").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("changes", "dataset", "expect"),
+    [
+        ({"hook_name": "blocks.0.hook_resid_pots"}, None, "did you mean"),
+        ({}, '{"text": 5}\n' * 3, "row 0 is a number, not text"),
+    ],
+    ids=["hook-typo", "rows-int"],
+)
+def test_refused_launch_of_an_existing_run_dir_records_it_and_writes_nothing_else(
+    changes: dict[str, Any], dataset: str | None, expect: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run directory that was there before (an earlier launch that never committed a
+    checkpoint) keeps its log, appended, and says failed; nothing half-made is added."""
+    made = tmp_path / "runs" / "bad"
+    made.mkdir(parents=True)
+    (made / "train.log").write_text("an earlier launch\n")
+    tree = apply(base(), changes)
+    if dataset is not None:
+        (tmp_path / "data.jsonl").write_text(dataset)
+        tree["dataset_path"] = str(tmp_path / "data.jsonl")
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(tomli_w.dumps(tree))
+
+    code, err = train_in_process([str(run_file), "--runs-dir", str(tmp_path / "runs")], capsys)
+
+    assert code == 2, err
+    message = assert_one_line(err, expect)
+    assert {p.name for p in made.iterdir()} == {"status.json", "train.log"}
+    log = (made / "train.log").read_text()
+    assert log.startswith("an earlier launch\n") and len(log.splitlines()) > 1
+    status = json.loads((made / "status.json").read_text())
+    assert (status["state"], status["message"]) == ("failed", message)
+
+
+def test_unloadable_dataset_is_one_line_with_the_reason_in_a_new_process(tmp_path: Path) -> None:
+    """datasets logs a failed load itself; a fresh process (whose stderr that logger holds)
+    shows that only lenslab's line is printed, and that it gives the parser's reason."""
+    (tmp_path / "data.jsonl").write_text("this is not json\n")
+    tree = base()
+    tree["dataset_path"] = str(tmp_path / "data.jsonl")
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(tomli_w.dumps(tree))
+    # Not inherited from this test process, where an in-process launch may have set it.
+    env = {k: v for k, v in os.environ.items() if k != "DATASETS_VERBOSITY"}
+    result = subprocess.run(
+        train_command(run_file, tmp_path / "runs"), capture_output=True, text=True, timeout=300, env=env, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(ERROR) and "cannot load it: JSON parse error" in lines[0], lines[0]
+    assert not (tmp_path / "runs" / "bad").exists()
 
 
 def test_missing_run_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -90,7 +90,8 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(
     checkpoint = box["mirror"] / "t" / "checkpoints" / "step-000000020"
     hostile = box["root"] / "hostile.pt"
     torch.save({"optimizer": Payload(marker)}, hostile)
-    plant(checkpoint, file_name, hostile.read_bytes())
+    hostile_bytes = hostile.read_bytes()
+    plant(checkpoint, file_name, hostile_bytes)
     hostile.unlink()
     before = outside_run(box)
 
@@ -99,11 +100,50 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(
     assert not marker.exists(), "unpickling the checkpoint ran code"
     assert code == 0, err
     assert "Traceback" not in err
-    assert f"checkpoint refused: step-000000020/{file_name} holds something other than tensors" in err
+    assert "checkpoint step-000000020 refused: " in err
+    assert f"{file_name} holds something other than tensors" in err
     assert "starting run 't' from scratch" in err
     assert outside_run(box) == before
     run_dir = box["runs"] / "t"
-    assert [p.name for p in (run_dir / "checkpoints").glob(".refused-step-000000020-*")]
+    assert_discarded(run_dir, hostile_bytes)
+    assert (run_dir / "final" / "sae_weights.safetensors").exists()
+
+
+def assert_discarded(run_dir: Path, hostile: bytes) -> None:
+    """The refused download is gone: no copy of its bytes, no temporary directory left."""
+    digest = hashlib.sha256(hostile).hexdigest()
+    copies = [p for p in run_dir.rglob("*") if p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest() == digest]
+    assert copies == []
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_mirror_checkpoint_of_another_config_is_refused_before_it_looks_committed(
+    box: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mirror's newest checkpoint claims another config and carries a code-running state
+    file: it is checked in its download directory and discarded, and the run starts over."""
+    marker = box["root"] / "PWNED"
+    mirrored_ckpt = box["mirror"] / "t" / "checkpoints" / "step-000000020"
+    hostile = box["root"] / "hostile.pt"
+    torch.save({"scaler": Payload(marker)}, hostile)
+    hostile_bytes = hostile.read_bytes()
+    hostile.unlink()
+    plant(mirrored_ckpt, "lenslab_state.pt", hostile_bytes)
+    rewrite_manifest(mirrored_ckpt, lambda manifest: manifest.update(config_hash="0000000000000000"))
+    before = outside_run(box)
+
+    code, err = launch(box, capsys)
+
+    assert not marker.exists(), "unpickling the checkpoint ran code"
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "checkpoint step-000000020 refused: it belongs to another config (hash 0000000000000000" in err
+    assert "starting run 't' from scratch" in err
+    assert outside_run(box) == before
+    run_dir = box["runs"] / "t"
+    assert_discarded(run_dir, hostile_bytes)
+    manifest = json.loads((run_dir / "checkpoints" / "step-000000020" / "manifest.json").read_text())
+    assert manifest["config_hash"] != "0000000000000000"  # this run's own checkpoint, not the mirror's
     assert (run_dir / "final" / "sae_weights.safetensors").exists()
 
 

@@ -202,8 +202,7 @@ def down(args: argparse.Namespace) -> int:
     # A rented box bills until it is terminated; a machine of the user's own is left running.
     terminates = provider.capabilities.rents_machines
     stopped, ssh_error = _stop_on_box(provider, box, progress, terminates)
-    with progress.step("terminating the instance" if terminates else "removing the ssh entry"):
-        provider.terminate(box)
+    _terminate(provider, box, progress, terminates)
     removed = sshconfig.remove(box.alias) if box.host else False
     purged = _purge(cfg, args) if args.purge else None
     kept = f"deleted {purged}" if purged else f"data kept in {box.root}{provider.kept_note()}"
@@ -225,6 +224,20 @@ def down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate(provider: Provider, box: Box, progress: Progress, terminates: bool) -> None:
+    from lenslab.errors import LenslabError
+
+    try:
+        with progress.step("terminating the instance" if terminates else "removing the ssh entry"):
+            provider.terminate(box)
+    except BaseException as exc:
+        # A LenslabError's own line says what failed; a Ctrl-C or a bug would say nothing of money.
+        if terminates and not isinstance(exc, LenslabError):
+            fallback = f"the instance of box {box.name} may still be running and billing; `lenslab down` terminates it"
+            _warn_always(progress, f"the instance was not terminated: {provider.still_billing(box) or fallback}")
+        raise
+
+
 def _stop_on_box(provider: Provider, box: Box, progress: Progress, terminates: bool) -> tuple[list[str], str | None]:
     """Stop lenslab's containers (training checkpoints on the way out); the containers stopped,
     and why SSH failed if it did. For a box about to be terminated any SSH failure is only a
@@ -238,9 +251,19 @@ def _stop_on_box(provider: Provider, box: Box, progress: Progress, terminates: b
                 return _stop_containers(runner, box.name), None
             finally:
                 runner.close()
-    except Exception as exc:  # for a box that bills, whatever went wrong: terminate it anyway
+    except BaseException as exc:  # for a box that bills, whatever went wrong: terminate it anyway
         if not terminates and not isinstance(exc, HostUnreachable):
             raise
+        if isinstance(exc, SystemExit):
+            raise
+        if isinstance(exc, KeyboardInterrupt):
+            # Ctrl-C while the containers checkpoint: the user wants out, and out means not billing.
+            _warn_always(
+                progress,
+                "interrupted while stopping training on the box: training may not have been checkpointed; "
+                "terminating the instance anyway",
+            )
+            return [], "interrupted"
         why = str(exc) if isinstance(exc, LenslabError) else f"{type(exc).__name__}: {exc}"
         why = " ".join(why.split())  # one line, whatever the exception carried
         if terminates:

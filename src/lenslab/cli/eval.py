@@ -122,6 +122,7 @@ class _Relay:
 
 def pull_eval(runner: Runner, remote_dir: str, dest: Path) -> Path:
     """Copy the box's flat ``eval/`` to ``dest/eval``, refusing any odd entry before writing."""
+    import contextlib
     import shutil
 
     from lenslab import contract
@@ -132,6 +133,9 @@ def pull_eval(runner: Runner, remote_dir: str, dest: Path) -> Path:
     )
     if found.exit_status == 3:
         raise PullFailed(f"no {remote_dir} on the box", "lenslab-eval did not write it; run `lenslab eval` again")
+    if found.exit_status != 0:
+        # find lists what it could and fails on the rest: a partial listing is no listing.
+        raise PullFailed(f"cannot list {remote_dir} on the box (exit {found.exit_status})", "run `lenslab eval` again")
     listing = Listing.parse(found.stdout.encode())
     files: dict[str, int] = {}
     for name, (kind, size) in listing.entries.items():
@@ -146,6 +150,8 @@ def pull_eval(runner: Runner, remote_dir: str, dest: Path) -> Path:
     tmp = target.with_name(target.name + ".partial")
     if tmp.is_dir() and not tmp.is_symlink():
         shutil.rmtree(tmp)
+    # The directories this pull makes (runs/<name>/) go again if it fails.
+    made = [p for p in (tmp.parent, *tmp.parent.parents) if not p.exists()]
     tmp.mkdir(parents=True)
     try:
         for name, size in sorted(files.items()):
@@ -153,6 +159,9 @@ def pull_eval(runner: Runner, remote_dir: str, dest: Path) -> Path:
         _replace(target, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in made:  # deepest first; only while empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
     return target
 

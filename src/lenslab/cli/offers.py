@@ -66,7 +66,13 @@ def offers(args: argparse.Namespace) -> int:
             for a in answers
         ],
     }
-    emit(args, data, _table(found, args.interruptible) + _status_lines(answers))
+    if getattr(args, "json", False) or found:
+        emit(args, data, _table(found, args.interruptible))
+    if not getattr(args, "json", False):
+        # Notes and failures on stderr: stdout holds only the table, for a pipe to read.
+        notes = ([] if found else ["no offers match"]) + _status_lines(answers)
+        if notes:
+            print("\n".join(notes), file=sys.stderr)
     if not any(a.status == "ok" for a in answers):
         if not answers:
             raise ProviderError("no provider lists offers", "this lenslab has no cloud provider registered")
@@ -127,8 +133,6 @@ COLUMNS = ("provider", "GPU", "count", "VRAM", "region", "on-demand/h", "interru
 
 
 def _table(found: list[Offer], interruptible: bool) -> str:
-    if not found:
-        return "no offers match"
     rows = [
         (
             o.provider,
@@ -150,10 +154,9 @@ def _table(found: list[Offer], interruptible: bool) -> str:
     )
 
 
-def _status_lines(answers: list[Answer]) -> str:
-    lines = [f"{a.provider}: {a.error if a.status == 'no key' else 'failed: ' + str(a.error)}" for a in answers
-             if a.status != "ok"]  # fmt: skip
-    return "".join(f"\n{line}" for line in lines)
+def _status_lines(answers: list[Answer]) -> list[str]:
+    return [f"{a.provider}: {a.error if a.status == 'no key' else 'failed: ' + str(a.error)}" for a in answers
+            if a.status != "ok"]  # fmt: skip
 
 
 # -- lenslab up --cheapest -------------------------------------------------------------------

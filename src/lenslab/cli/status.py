@@ -49,7 +49,9 @@ def status(args: argparse.Namespace) -> int:
         data.update(reachable=False, error=str(exc))
         emit(args, data, f"box {box.name}: unreachable: {exc}" + _instances_text(data, "\n  "))
         return RemoteError.exit_code
-    data.update(reachable=True, **facts, autostop=watcher, autostop_text=autostop.describe(watcher))
+    # The laptop's own fields last: nothing the box printed can stand in for them.
+    data.update({key: value for key, value in facts.items() if key not in data})
+    data.update(reachable=True, autostop=watcher, autostop_text=autostop.describe(watcher))
     rented = provider.capabilities.rents_machines
     if rented and cfg.box.autostop == "laptop" and watcher and watcher.get("acted"):
         # The box found itself idle but holds no key to stop itself: the laptop does it.
@@ -86,22 +88,28 @@ def _cost_line(cost: dict[str, Any]) -> str:
 
 def _text(d: dict[str, Any]) -> str:
     gpus = d.get("gpus") or []
-    gpu_text = ", ".join(f"{g['name']} ({g['memory_mib']} MiB, {g['utilization_pct']}%)" for g in gpus)
+    gpu_text = ", ".join(_gpu_text(g) for g in gpus)
     used = d.get("root_used_kb")
     free, total = d.get("disk_free_kb"), d.get("disk_total_kb")
     disk = f"{_gib(free)} free of {_gib(total)}" if free is not None and total is not None else "unknown"
     return "\n".join(
         [
-            f"box {d['box']} ({d['provider']}): reachable, up {_duration(int(d['uptime_s']))}",
+            f"box {d['box']} ({d['provider']}): reachable, up "
+            + (_duration(d["uptime_s"]) if isinstance(d.get("uptime_s"), int) else "unknown"),
             f"  gpus:   {gpu_text or 'none'}" + (f"  driver {d['driver']}" if d.get("driver") else ""),
             f"  disk:   {disk}",
-            f"  root:   {d['root']}"
-            + (f" ({_gib(used)} used)" if used is not None else "" if d["root_exists"] else " (missing)"),
+            f"  root:   {d.get('root', '?')}"
+            + (f" ({_gib(used)} used)" if used is not None else "" if d.get("root_exists") else " (missing)"),
             f"  containers: {d['containers'] if d.get('containers') is not None else 'docker unavailable'}",
         ]
         + ([f"  {_cost_line(d['cost'])}"] if d.get("cost") else [])
-        + [f"  autostop: {d['autostop_text']}"]
+        + [f"  autostop: {d.get('autostop_text', 'unknown')}"]
     ) + _instances_text(d, "\n  ")
+
+
+def _gpu_text(gpu: dict[str, Any]) -> str:
+    memory, util = gpu.get("memory_mib"), gpu.get("utilization_pct")
+    return f"{gpu.get('name', '?')} ({'?' if memory is None else memory} MiB, {'?' if util is None else util}%)"
 
 
 def _instances_text(d: dict[str, Any], prefix: str) -> str:

@@ -19,6 +19,7 @@ import shlex
 import time
 from typing import Any
 
+from lenslab import values
 from lenslab.config import BoxConfig
 from lenslab.contract import BOX_LABEL
 from lenslab.records import Box
@@ -71,18 +72,27 @@ def install(
 def read_state(runner: Runner) -> dict[str, Any] | None:
     out = runner.run(f"cat {STATE_FILE} 2>/dev/null")
     try:
-        state: dict[str, Any] = json.loads(out.stdout)
-        return state
+        state = json.loads(out.stdout)
     except ValueError:
         return None
+    return state if isinstance(state, dict) else None  # anything else is no state lenslab wrote
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: the box's state file is printed on the laptop."""
+    return "".join(ch if values.bad_char(ch) is None else ascii(ch)[1:-1] for ch in text)
 
 
 def describe(state: dict[str, Any] | None, now: float | None = None) -> str:
     if state is None:
         return "off"
     if state.get("acted"):
-        return f"acted: {state['acted']}"
+        return _printable(f"acted: {state['acted']}")
     if state.get("busy"):
-        return f"not idle ({', '.join(state['busy'])})"
-    left = max(0.0, state["stop_at"] - (now or time.time()))
+        busy = state["busy"]
+        return _printable(f"not idle ({', '.join(map(str, busy)) if isinstance(busy, list) else busy})")
+    stop_at = state.get("stop_at")
+    if not isinstance(stop_at, (int, float)) or isinstance(stop_at, bool):
+        return "on; its state file holds no stop time"
+    left = max(0.0, stop_at - (now or time.time()))
     return f"idle; stops in {left / 60:.0f} min"

@@ -198,6 +198,50 @@ def summary_problem(summary: dict[str, Any]) -> str | None:
     return None
 
 
+# status.sh's facts and the JSON types each may have. Only these reach `lenslab status`: the box
+# speaks for itself, never for the laptop's own fields (cost, instances, autostop, ...).
+_NONE = type(None)
+_STATUS_FIELDS: dict[str, tuple[type, ...]] = {
+    "root": (str,),
+    "root_exists": (bool,),
+    "root_used_kb": (int, _NONE),
+    "disk_total_kb": (int, _NONE),
+    "disk_free_kb": (int, _NONE),
+    "gpus": (list,),
+    "driver": (str, _NONE),
+    "uptime_s": (int, _NONE),
+    "containers": (int, _NONE),
+}
+_GPU_FIELDS: dict[str, tuple[type, ...]] = {"name": (str,), "memory_mib": (int, _NONE), "utilization_pct": (int, _NONE)}
+
+
 def status(runner: Runner, root: str, box: str) -> dict[str, Any]:
-    facts: dict[str, Any] = run_script(runner, "status.sh", {"LENSLAB_ROOT": root, "LENSLAB_BOX": box})
-    return facts
+    """status.sh's facts, checked field by field; unknown fields are dropped, a wrong one refused."""
+    raw: dict[str, Any] = run_script(runner, "status.sh", {"LENSLAB_ROOT": root, "LENSLAB_BOX": box})
+    facts, problem = _pick(raw, _STATUS_FIELDS, "")
+    gpus: list[dict[str, Any]] = []
+    for index, gpu in enumerate(facts.get("gpus", [])):
+        if not isinstance(gpu, dict):
+            problem = f"gpus[{index}] is {ascii(gpu)[:80]}, not an object"
+            break
+        picked, problem = _pick(gpu, _GPU_FIELDS, f"gpus[{index}].")
+        gpus.append(picked)
+    if problem:
+        raise BootstrapError(
+            f"status.sh's facts are not what lenslab expects: {problem}",
+            "check the box's nvidia-smi, login shell, ~/.bashrc and PATH",
+        )
+    return {**facts, "gpus": gpus}
+
+
+def _pick(raw: dict[str, Any], fields: dict[str, tuple[type, ...]], where: str) -> tuple[dict[str, Any], str | None]:
+    """The known ``fields`` of ``raw`` when each has its type (bool is no number), else a problem."""
+    for field, types in fields.items():
+        value = raw.get(field)
+        is_bool = isinstance(value, bool) and bool not in types
+        if field not in raw or is_bool or not isinstance(value, types):
+            return {}, f"{where}{field} is {ascii(value)[:80]}, not {' or '.join(t.__name__ for t in types)}"
+        if isinstance(value, str) and (values.bad_char(value) is not None or len(value) > _MAX_SUMMARY_TEXT):
+            # Printed on the laptop's terminal: no line breaks, no escape sequences.
+            return {}, f"{where}{field} {ascii(value)[:80]} holds a control character or is too long"
+    return {field: raw[field] for field in fields}, None

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, BinaryIO
 
 from lenslab.contract import LOG_FILE
-from lenslab.errors import CommandFailed, ConnectionLost, HostUnreachable
+from lenslab.errors import CommandFailed, ConnectionLost, HostUnreachable, LenslabError
 from lenslab.remote.errmap import ssh_errors
 from lenslab.remote.training import ACTIVE, Paths, container_name
 
@@ -82,6 +82,11 @@ class Follower:
     def _stream(self, session: LabSession, follow: bool) -> bool:
         """Print what is new; True when following should go on (the container is still active)."""
         name = shlex.quote(container_name(self.name))
+        # Asked first: the stream carries the container's stderr, so Docker's own "No such
+        # container" would be printed as if it were the run's log.
+        if session.runner.run(f"docker inspect {name} >/dev/null 2>&1").exit_status != 0:
+            self._print_log_file(session)
+            return False
         since = f"--since {self.last[0]} " if self.last else ""
         # The box's docker CLI does the log protocol; lenslab only streams its output.
         command = f"docker logs --timestamps {'--follow ' if follow else ''}{since}{name} 2>&1"
@@ -110,7 +115,9 @@ class Follower:
         try:
             session.runner.get(f"{Paths(session.lab.root, self.name).run_dir}/{LOG_FILE}", self.out)
         except CommandFailed:
-            return  # no log file either: nothing to print
+            raise LenslabError(
+                f"run {self.name} has no container and no log file on the box", "see the runs with `lenslab runs`"
+            ) from None
         self.out.flush()
 
 

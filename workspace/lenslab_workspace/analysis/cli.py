@@ -89,6 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lenslab-eval: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # the edge: anything unexpected is one line plus where its traceback is
+        from lenslab_workspace.train.launch import write_crash_log
+
+        crash = write_crash_log(exc, None, prefix="lenslab-eval-")
+        message = " ".join(str(exc).split())[:300]
+        print(
+            f"lenslab-eval: error: unexpected {type(exc).__name__}: {message} (traceback in {crash})", file=sys.stderr
+        )
+        return EXIT_FAILED
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -167,7 +176,8 @@ def _quiet_libraries() -> None:
     import datasets
     import huggingface_hub
 
-    datasets.utils.logging.set_verbosity_error()
+    # CRITICAL: datasets logs a failed load at ERROR, over lenslab-eval's own one line.
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)
     datasets.disable_progress_bars()  # "Generating train split" bars are not ours to show
     huggingface_hub.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
 

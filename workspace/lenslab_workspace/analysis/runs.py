@@ -115,9 +115,11 @@ def find_sae(root: Path, explicit: Path | None) -> Path:
 
 def load_sae(path: Path, device: str) -> tuple[Any, Any]:
     """The SAE at ``path`` and the activation scaler it expects (identity for ``final/``)."""
-    import torch
     from sae_lens import SAE
     from sae_lens.training.activation_scaler import ActivationScaler
+
+    from lenslab_workspace.train.errors import CheckpointError
+    from lenslab_workspace.train.state import load_state_file
 
     try:
         with warnings.catch_warnings():
@@ -130,8 +132,14 @@ def load_sae(path: Path, device: str) -> tuple[Any, Any]:
     scaler = ActivationScaler()
     state_file = path / "lenslab_state.pt"
     if state_file.is_file():
-        # A checkpoint's weights are not yet folded with the norm scaling factor.
-        scaler_state = torch.load(state_file, map_location="cpu", weights_only=False).get("scaler", {})
+        # A checkpoint's weights are not yet folded with the norm scaling factor. Read as data
+        # only: a checkpoint may come from a mirror, and unpickling it could run its code.
+        try:
+            scaler_state = load_state_file(state_file).get("scaler", {})
+        except CheckpointError as exc:
+            raise EvalError(f"{path}: {exc}; evaluate the run's final/ SAE or another checkpoint") from exc
+        if not isinstance(scaler_state, dict):
+            raise EvalError(f"{state_file}: not a lenslab state file; evaluate the run's final/ SAE instead")
         if scaler_state.get("whitening") is not None:
             raise EvalError(f"{path}: a whitened checkpoint; evaluate the run's final/ SAE instead")
         scaler.scaling_factor = scaler_state.get("scaling_factor")

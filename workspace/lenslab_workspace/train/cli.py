@@ -72,6 +72,11 @@ def setup_logging() -> None:
         # (a notebook, a test session) needs the switch itself.
         if "datasets" in sys.modules:
             sys.modules["datasets"].disable_progress_bars()
+    # datasets logs a failed load itself, at ERROR, to stderr; lenslab's one line already gives
+    # the reason, so its logger is silenced (read once, at import: a loaded one is set directly).
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].utils.logging.set_verbosity(logging.CRITICAL)
     # Library warnings go to train.log (the run attaches it), not over the one-line error.
     logging.captureWarnings(True)
     warnings_log = logging.getLogger("py.warnings")

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import sys
 import typing
@@ -230,6 +231,7 @@ def load_run_file(path: str | Path) -> RunSettings:
     except (OSError, UnicodeDecodeError) as exc:
         raise RunConfigError(f"{source}: cannot read the run file: {exc}") from exc
 
+    _check_finite(source, raw)
     try:
         run = RunFile.model_validate(raw)
     except pydantic.ValidationError as exc:
@@ -308,6 +310,18 @@ def _check_ranges(source: Path, architecture: str, runner: dict[str, Any], sae: 
             refuse(f"sae.{key}", sae[key], "positive")
     if architecture in TOPK_ARCHITECTURES and "k" in sae and not 1 <= sae["k"] <= sae["d_sae"]:
         refuse("sae.k", sae["k"], f"between 1 and sae.d_sae ({sae['d_sae']})")
+
+
+def _check_finite(source: Path, value: Any, field: str = "") -> None:
+    """TOML allows inf and nan; no field of a run file means them (lr = inf trains with nan)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RunConfigError(f"{source}: field '{field}': must be a finite number (got {value!r})")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(source, item, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite(source, item, f"{field}[{index}]")
 
 
 def _check_unsupported(source: Path, fields: dict[str, Any]) -> None:

@@ -109,6 +109,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def root_reason(exc: BaseException) -> str:
+    """The message of the exception at the bottom of ``exc``'s cause chain, on one line:
+    datasets wraps the reason (e.g. pyarrow's "JSON parse error: ...") in a generic error.
+    An implicit ``__context__`` is followed only past an empty message: after a message it
+    is what failed while handling the reason (datasets' fallback parser), not the reason."""
+    seen: set[int] = set()
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = " ".join(str(current).split())
+        if text:
+            reason = text
+        current = current.__cause__ or (None if text else current.__context__)
+    return reason
+
+
 def iterate_rows(runner: dict[str, Any]) -> Iterator[Any]:
     """Rows of the dataset's token column, from a local file or a Hugging Face dataset."""
     import datasets
@@ -143,8 +160,7 @@ def iterate_rows(runner: dict[str, Any]) -> Iterator[Any]:
     except DataError:
         raise
     except Exception as exc:  # datasets raises many unrelated types for one cause: not loadable
-        why = " ".join(str(exc).split()) or type(exc).__name__
-        raise DataError(f"dataset_path {source}: cannot load it: {why[:300]}") from exc
+        raise DataError(f"dataset_path {source}: cannot load it: {root_reason(exc)[:300]}") from exc
 
     columns = list(dataset.column_names or [])
     column = next((c for c in TOKEN_COLUMNS if c in columns), None)
@@ -258,11 +274,16 @@ def materialize_tokens(
     array = torch.stack(rows).numpy()
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:  # a full disk or a signal: no half-written array stays behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(data_dir)
     return cast(np.ndarray, np.load(target, mmap_mode="r"))
 

@@ -172,7 +172,7 @@ def _pid_alive(text: str) -> bool:
     return True
 
 
-def write_crash_log(exc: BaseException, run_root: Path | None) -> Path:
+def write_crash_log(exc: BaseException, run_root: Path | None, prefix: str = "lenslab-train-") -> Path:
     """The traceback, in the run directory when there is one, else in a new temporary directory."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}.log"
@@ -180,6 +180,6 @@ def write_crash_log(exc: BaseException, run_root: Path | None) -> Path:
         with contextlib.suppress(OSError):
             (run_root / name).write_text(text)
             return run_root / name
-    path = Path(tempfile.mkdtemp(prefix="lenslab-train-")) / name
+    path = Path(tempfile.mkdtemp(prefix=prefix)) / name
     path.write_text(text)
     return path

@@ -7,8 +7,9 @@ leaves the previous pointer valid. A new box with an empty run directory restore
 
 Nothing read from a mirror is believed: ``latest`` must be a checkpoint name, the manifest's
 file names must be plain names, and exactly the files the manifest lists are fetched into a
-temporary directory inside the run, verified, and only then renamed into place. Loading the
-state files is ``state.load_states``'s job (data only, never code).
+temporary directory inside the run, verified, checked by the run there (its config hash, and
+its state files read by ``state.load_states`` as data only, never code), and only then renamed
+into place; a refused copy is deleted, so nothing unchecked ever looks committed.
 
 Uploads run on their own thread (``MirrorUploader``): an unreachable mirror does not stop
 training. A failed upload is logged as a mirror error and retried with backoff, always with
@@ -27,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lenslab.contract import MANIFEST_FILE, is_checkpoint_name
 from lenslab_workspace.train.checkpoint import CommittedCheckpoint, apply_retention, check_manifest, crash_point, verify
@@ -35,6 +36,8 @@ from lenslab_workspace.train.errors import CheckpointError
 from lenslab_workspace.train.rundir import TMP_PREFIX
 
 log = logging.getLogger("lenslab.train")
+
+T = TypeVar("T")
 
 LATEST = "latest"
 # Bounds on what is read from a mirror before it is checked.
@@ -118,9 +121,14 @@ class Mirror:
             return None
         return name
 
-    def restore_latest(self, checkpoints_dir: Path) -> Path | None:
-        """Download the checkpoint ``latest`` names into ``checkpoints_dir``; verified before use.
+    def restore_latest(
+        self, checkpoints_dir: Path, accept: Callable[[Path, dict[str, Any]], T]
+    ) -> tuple[Path, T] | None:
+        """Download the checkpoint ``latest`` names into ``checkpoints_dir``; checked before use.
 
+        ``accept(tmp, manifest)`` checks the downloaded copy in its temporary directory (config
+        hash, state files read as data only) and returns what it loaded, or raises
+        ``CheckpointError``; only an accepted copy is renamed to a committed-looking name.
         Returns None (with a warning) when the mirror has no usable checkpoint.
         """
         name = self.latest_name()
@@ -131,7 +139,7 @@ class Mirror:
         tmp.mkdir(parents=True)
         try:
             self._download(name, tmp)
-            verify(tmp)
+            loaded = accept(tmp, verify(tmp))
         except (CheckpointError, FileNotFoundError, ValueError) as exc:  # what it serves is wrong
             shutil.rmtree(tmp, ignore_errors=True)
             log.warning("mirror %s: checkpoint %s refused: %s", self.url, name, _one_line(exc))
@@ -144,7 +152,7 @@ class Mirror:
             shutil.rmtree(target)
         os.rename(tmp, target)
         log.info("restored checkpoint %s from mirror %s", name, self.url)
-        return target
+        return target, loaded
 
     def _download(self, name: str, tmp: Path) -> None:
         """Fetch the manifest, check it, then fetch exactly the files it names."""

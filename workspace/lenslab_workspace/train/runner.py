@@ -8,7 +8,8 @@ another thread), maybe rewrite status.json, stop cleanly when a signal asks. The
 the activation scaler into the weights and saves the SAE in SAELens's inference format
 under ``final/``.
 
-A launch that fails before training leaves ``status.json`` saying ``failed`` (and, for an
+A refused launch (exit 2) of a run that did not exist before leaves no run directory. Any
+other launch that fails before training leaves ``status.json`` saying ``failed`` (and, for an
 unexpected error, a ``crash-*.log``), never a half-made run: ``run-config.json`` is pinned
 only when the first checkpoint commits, and ``--fresh`` moves the old run aside only once the
 new one is built.
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lenslab.contract import EXIT_FINISHED, EXIT_INTERRUPTED
+from lenslab.contract import EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_USAGE
 from lenslab_workspace import __version__
 from lenslab_workspace.train import checkpoint as ckpt
 from lenslab_workspace.train.atomic import fsync_dir, write_json_atomic
@@ -135,6 +136,8 @@ class TrainingRun:
         self.uploader: MirrorUploader | None = None
         self.mirror: Mirror | None = None
         self._log_handler: logging.Handler | None = None
+        self.created = False  # this launch made the run directory (it did not exist before)
+        self.made_data = False  # this launch made data/ (a refused launch removes it again)
 
     def execute(self) -> Outcome:
         check_runs_dir(self.runs_dir, self.target)
@@ -165,6 +168,8 @@ class TrainingRun:
     def _open(self) -> None:
         if self.fresh and not self.target.is_empty():
             self.run = staging_dir(self.target)
+        self.created = self.run is self.target and not self.target.root.exists()
+        self.made_data = not self.run.data_dir.exists()
         try:
             self.run.create()
         except OSError as exc:
@@ -185,10 +190,22 @@ class TrainingRun:
         """Record a failed launch; return the exception the CLI shows (one line)."""
         if self.run is not self.target:  # --fresh: drop the half-built run, keep the old one
             shutil.rmtree(self.run.root, ignore_errors=True)
+        refused = isinstance(exc, LenslabTrainError) and exc.exit_code == EXIT_USAGE
+        if refused and self.created:
+            # A refused launch of a new run leaves nothing behind: the one line says it all.
+            shutil.rmtree(self.run.root, ignore_errors=True)
+            return exc
+        if refused and self.made_data:  # an existing run keeps only its record of the failure
+            shutil.rmtree(self.run.data_dir, ignore_errors=True)
         reported = exc
         if not isinstance(exc, LenslabTrainError | KeyboardInterrupt | SystemExit):
             crash = write_crash_log(exc, self.run.root if self.run is self.target else None)
             reported = UnexpectedError(f"unexpected {type(exc).__name__}: {one_line(exc)} (traceback in {crash})")
+        if self._log_handler is not None:  # train.log keeps the reason; stderr gets it once, from the CLI
+            record = log.makeRecord(
+                log.name, logging.ERROR, __file__, 0, "launch failed: %s", (one_line(reported),), None
+            )
+            self._log_handler.handle(record)
         if self.run is self.target and self.status is not None:
             self.status.update(state="failed", message=one_line(reported))
             if self.uploader is not None:
@@ -229,10 +246,20 @@ class TrainingRun:
             if found is not None:
                 return found
         if self.mirror is not None:
-            restored = self.mirror.restore_latest(self.run.checkpoints)
+            restored = self.mirror.restore_latest(self.run.checkpoints, self._accept_from_mirror)
             if restored is not None:
-                return self._load(restored, ckpt.verify(restored))
+                path, (manifest, states) = restored
+                return FoundCheckpoint(path, manifest, states)
         return None
+
+    def _accept_from_mirror(self, tmp: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Check a mirror's copy where it was downloaded, before it gets a checkpoint's name:
+        nothing unchecked ever looks committed. Raises ``CheckpointError`` to refuse it."""
+        if manifest["config_hash"] != self.config_hash:
+            raise CheckpointError(
+                f"it belongs to another config (hash {manifest['config_hash']}, this run's is {self.config_hash})"
+            )
+        return manifest, load_states(tmp)
 
     def _load(self, path: Path, manifest: dict[str, Any]) -> FoundCheckpoint | None:
         """Read a checkpoint's state files as data only; a refused one is moved aside."""
