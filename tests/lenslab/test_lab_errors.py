@@ -18,6 +18,7 @@ from lenslab.errors import ConfigError, LenslabError
 from lenslab.remote import follow, pull
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and sae-lens
 def test_a_bad_run_file_is_one_line_and_nothing_is_uploaded(project: Path) -> None:
     # A box nobody listens on: validation must fail before any connection is tried.
     (project / "lenslab.toml").write_text(

@@ -100,6 +100,7 @@ def test_malformed_run_files(tmp_path: Path, text: str, expected: str) -> None:
     assert error_for(tmp_path, text) == expected
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and sae-lens
 def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
     path.write_text(BASE + "[sae]\nd_in = 4\nd_sae = 'many'\n")
@@ -116,6 +117,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert not (tmp_path / "runs" / "t").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and sae-lens
 def test_missing_run_file(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "lenslab_workspace.train.cli", str(tmp_path / "nope.toml")],
