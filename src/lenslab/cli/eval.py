@@ -122,11 +122,8 @@ class _Relay:
 
 def pull_eval(runner: Runner, remote_dir: str, dest: Path) -> Path:
     """Copy the box's flat ``eval/`` to ``dest/eval``, refusing any odd entry before writing."""
-    import contextlib
-    import shutil
-
     from lenslab import contract
-    from lenslab.remote.pull import Listing, PullFailed, _fetch, _replace, local_target
+    from lenslab.remote.pull import Listing, PullFailed, fetch_flat_dir, local_target
 
     found = runner.run(
         f"cd -- {shlex.quote(remote_dir)} 2>/dev/null || exit 3; find . -mindepth 1 -printf '%y %s %P\\0'"
@@ -146,24 +143,7 @@ def pull_eval(runner: Runner, remote_dir: str, dest: Path) -> Path:
         files[name] = size
     if "report.html" not in files:
         raise PullFailed(f"{remote_dir} has no report.html", "run `lenslab eval` again")
-    target = local_target(dest, EVAL_DIR)
-    tmp = target.with_name(target.name + ".partial")
-    if tmp.is_dir() and not tmp.is_symlink():
-        shutil.rmtree(tmp)
-    # The directories this pull makes (runs/<name>/) go again if it fails.
-    made = [p for p in (tmp.parent, *tmp.parent.parents) if not p.exists()]
-    tmp.mkdir(parents=True)
-    try:
-        for name, size in sorted(files.items()):
-            _fetch(runner, f"{remote_dir}/{name}", tmp / name, size)
-        _replace(target, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for directory in made:  # deepest first; only while empty
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise
-    return target
+    return fetch_flat_dir(runner, remote_dir, files, local_target(dest, EVAL_DIR), verify=lambda copied: None)
 
 
 def _positive(text: str) -> int:

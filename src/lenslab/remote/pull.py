@@ -22,6 +22,7 @@ import os
 import shlex
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,19 +70,34 @@ def pull(runner: Runner, run_dir: str, dest: Path) -> tuple[Path, str]:
     listing = _list_run(runner, run_dir)
     source = choose_source(listing, run_dir)
     files = source_files(listing, source)
-    target = local_target(dest, source)
+
+    def verify(copied: Path) -> None:
+        if source == contract.FINAL_DIR:
+            verify_final(copied)
+        else:
+            verify_manifest(copied, set(files))
+
+    target = fetch_flat_dir(runner, f"{run_dir}/{source}", files, local_target(dest, source), verify)
+    return target, source
+
+
+def fetch_flat_dir(
+    runner: Runner, remote_dir: str, files: dict[str, int], target: Path, verify: Callable[[Path], None]
+) -> Path:
+    """Copy the checked ``files`` (name -> size) of ``remote_dir`` to ``target``, whole or not at all.
+
+    Files land in a fresh ``.partial`` sibling, ``verify`` checks them there, and only then does
+    the copy replace ``target``; on any failure the partial copy and the directories this call
+    made go again, so an earlier copy and everything around it stay as they were.
+    """
     tmp = target.with_name(target.name + ".partial")
     _clear(tmp)
-    # The directories this pull makes (runs/<name>/, checkpoints/) go again if it fails.
     made = [p for p in (tmp.parent, *tmp.parent.parents) if not p.exists()]
     tmp.mkdir(parents=True)
     try:
         for name, size in sorted(files.items()):
-            _fetch(runner, f"{run_dir}/{source}/{name}", tmp / name, size)
-        if source == contract.FINAL_DIR:
-            verify_final(tmp)
-        else:
-            verify_manifest(tmp, set(files))
+            _fetch(runner, f"{remote_dir}/{name}", tmp / name, size)
+        verify(tmp)
         _replace(target, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,7 +105,7 @@ def pull(runner: Runner, run_dir: str, dest: Path) -> tuple[Path, str]:
             with contextlib.suppress(OSError):
                 directory.rmdir()
         raise
-    return target, source
+    return target
 
 
 def _list_run(runner: Runner, run_dir: str) -> Listing:
