@@ -13,6 +13,9 @@ import torch
 from tests.analysis.conftest import lenslab_eval
 from tests.workspace.conftest import run_train, write_run_file
 
+# Each test launches lenslab-train on a trained run: seconds apiece, so not in the fast lane.
+pytestmark = pytest.mark.slow
+
 
 class Payload:
     """Unpickling this creates ``marker``: the proof that a state file ran code."""

@@ -295,6 +295,7 @@ def test_refused_launch_of_an_existing_run_dir_records_it_and_writes_nothing_els
     assert (status["state"], status["message"]) == ("failed", message)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and sae-lens
 def test_unloadable_dataset_is_one_line_with_the_reason_in_a_new_process(tmp_path: Path) -> None:
     """datasets logs a failed load itself; a fresh process (whose stderr that logger holds)
     shows that only lenslab's line is printed, and that it gives the parser's reason."""

@@ -15,6 +15,9 @@ import torch
 
 from .conftest import merge, read_status, run_train, train_in_process, tree_digest, wait_for, write_run_file
 
+# Each test launches lenslab-train on a trained run: seconds apiece, so not in the fast lane.
+pytestmark = pytest.mark.slow
+
 SHORT = {"training_tokens": 20_480, "resilience": {"checkpoint_every_tokens": 10_240}}
 
 
