@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from lenslab.errors import ProviderError
@@ -16,12 +13,8 @@ PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHh0ZXN0a2V5 me@laptop"
 
 
 @pytest.fixture
-def cloud(tmp_path: Path) -> Iterator[LambdaEmulator]:
-    emulator = LambdaEmulator(tmp_path / "filesystems").start()
-    emulator.launch_interval = 0.0
-    emulator.on_launch = lambda instance: "127.0.0.1"  # no traffic goes there in these tests
-    yield emulator
-    emulator.stop()
+def cloud(emulator: LambdaEmulator) -> LambdaEmulator:
+    return emulator  # conftest's emulator, under the name these tests read best with
 
 
 @pytest.fixture
