@@ -191,3 +191,26 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tiny_run: Path, tmp_pa
     small.write_text(json.dumps({"text": "only a few words"}) + "\n")
     assert_one_line_error(lenslab_eval(str(copy), "--dataset", str(small), "--tokens", "1000"), "too few tokens")
     assert not (copy / "eval").exists() and not list(copy.glob(".eval-tmp-*"))
+
+
+def test_held_out_rows_start_after_every_row_training_stored_with_excluded_tokens(tmp_path: Path) -> None:
+    """With exclude_special_tokens the trainer stores more rows than ``sequences_needed`` (to replace
+    the dropped positions); held-out text must start after all of them, not overlap the last."""
+    from lenslab_workspace.analysis import runs
+    from lenslab_workspace.train.data import sequences_needed
+    from tests.analysis.conftest import run_module, tiny_run_file
+
+    run_file = tiny_run_file(tmp_path)
+    text = run_file.read_text().replace("context_size = 64\n", "context_size = 64\nexclude_special_tokens = true\n")
+    run_file.write_text(text)
+    result = run_module(
+        "lenslab_workspace.train.cli", str(run_file), "--runs-dir", str(tmp_path / "runs"), timeout=1800
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = runs.open_run(tmp_path / "runs" / "tiny", "cpu")
+    (array_file,) = (run.root / "data").glob("tokens-*.npy")  # the trainer's rows; eval reuses them
+    stored = np.load(array_file, mmap_mode="r").shape[0]
+    assert stored > sequences_needed(run.runner, run.context_size)  # more rows than without exclusion
+    tokens = runs.eval_tokens(run, 2_000, None)
+    assert tokens.held_out and tokens.source.startswith(f"held-out sequences {stored}..")
+    assert len(list((run.root / "data").glob("tokens-*.npy"))) == 1  # no second tokenization

@@ -163,6 +163,7 @@ def eval_tokens(run: OpenedRun, n_tokens: int, dataset: str | None) -> EvalToken
     """``n_tokens`` (rounded up to whole sequences) of held-out text, or of ``dataset``."""
     from lenslab_workspace.train.data import materialize_tokens, sequences_needed
     from lenslab_workspace.train.errors import DataError
+    from lenslab_workspace.train.runner import build_exclude_tokens
 
     n_rows = max(1, -(-n_tokens // run.context_size))
     runner = dict(run.runner)
@@ -176,11 +177,17 @@ def eval_tokens(run: OpenedRun, n_tokens: int, dataset: str | None) -> EvalToken
             rows = _take_sequences(run, runner, skip=0, count=n_rows)
             return _enough(EvalTokens(rows, f"dataset {dataset}", True), n_rows, run)
         used = sequences_needed(runner, run.context_size)
-        array = materialize_tokens(runner, run.model, run.tokenizer, run.root / "data", run.tokenizer_name, used)
-        if array.shape[0] >= used:  # the dataset goes on past what training could read
-            rows = _take_sequences(run, runner, skip=used, count=n_rows)
+        # The same rows the trainer stored (same key): with exclude_special_tokens it stores more
+        # than `used`, to replace the dropped positions, and held-out text starts after all of them.
+        exclude = build_exclude_tokens(runner, run.tokenizer)
+        array = materialize_tokens(
+            runner, run.model, run.tokenizer, run.root / "data", run.tokenizer_name, used, exclude_tokens=exclude
+        )
+        stored = array.shape[0]
+        if stored >= used:  # the dataset goes on past what training could read
+            rows = _take_sequences(run, runner, skip=stored, count=n_rows)
             if rows.shape[0] >= n_rows:
-                return EvalTokens(rows, f"held-out sequences {used}..{used + n_rows} of the run's dataset", True)
+                return EvalTokens(rows, f"held-out sequences {stored}..{stored + n_rows} of the run's dataset", True)
     except DataError as exc:
         raise EvalError(f"dataset missing or unreadable: {exc}; pass --dataset PATH_OR_NAME") from exc
     start = max(0, array.shape[0] - n_rows)
