@@ -131,7 +131,8 @@ CASES = [
     Case("unknown-field", {"foo": 1}, "'foo'"),
     Case("prefetch", {"prefetch_llm_batches": True}, "'prefetch_llm_batches'"),
     Case("cached-activations", {"use_cached_activations": True}, "'use_cached_activations'"),
-    Case("wandb", {"logger.log_to_wandb": True}, "'logger.log_to_wandb'"),
+    Case("wandb-optimizer", {"logger.log_optimizer_state_to_wandb": True}, "'logger.log_optimizer_state_to_wandb'"),
+    Case("wandb-frequency-zero", {"logger.wandb_log_frequency": 0}, "'logger.wandb_log_frequency'"),
     Case("logger-not-table", {"logger": "x"}, "'logger'"),
     Case("dataset-missing", {"dataset_path": DELETE}, "'dataset_path'"),
     Case("dataset-empty-string", {"dataset_path": ""}, "'dataset_path'"),
@@ -188,13 +189,6 @@ CASES = [
     # --- the data, read after the model is built
     Case("rows-int", dataset='{"text": 5}\n' * 3, expect="row 0 is a number, not text", names_file=False),
     Case("rows-null", dataset=ROWS_TEXT + '{"text": null}\n', expect="row 1 is empty", names_file=False),
-    Case(
-        "rows-text-as-tokens",
-        {"is_dataset_tokenized": True},
-        dataset=ROWS_TEXT,
-        expect="not a list of token ids",
-        names_file=False,
-    ),
     Case("rows-none", dataset="", expect="the file is empty (0 bytes)", names_file=False),
     Case("rows-too-short", dataset=ROWS_TEXT, expect="empty: it yields no complete sequence", names_file=False),
     Case("rows-no-text-column", dataset='{"foo": "bar"}\n', expect="no token or text column", names_file=False),

@@ -80,9 +80,8 @@ def test_architectures(tmp_path: Path, architecture: str) -> None:
             "run.toml: field 'resilience.keep_last': Input should be greater than or equal to 1 (got 0)",
         ),
         (
-            BASE + "[sae]\nd_in = 4\nd_sae = 8\n[logger]\nlog_to_wandb = true\n",
-            "run.toml: field 'logger.log_to_wandb': wandb logging is not supported by lenslab-train yet; set it to "
-            "false (progress goes to the terminal and status.json)",
+            BASE + "[sae]\nd_in = 4\nd_sae = 8\n[logger]\nlog_optimizer_state_to_wandb = true\n",
+            "run.toml: field 'logger.log_optimizer_state_to_wandb': not supported by lenslab-train; set it to false",
         ),
         (
             BASE + "prefetch_llm_batches = true\n[sae]\nd_in = 4\nd_sae = 8\n",

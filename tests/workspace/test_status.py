@@ -91,3 +91,16 @@ def test_is_alive_tells_a_live_trainer_from_a_dead_one(tmp_path: Path) -> None:
     assert is_alive({**mine, "boot_id": "another-boot"}) is False  # the machine rebooted
     assert is_alive({**mine, "state": "finished"}) is False
     assert is_alive({**mine, "hostname": socket.gethostname() + "-elsewhere"}) is None
+
+
+def test_tokens_per_second_follows_the_recent_pace_not_the_launch_average() -> None:
+    from lenslab_workspace.train.progress import RateWindow
+
+    window = RateWindow(now=0.0, tokens=0, seconds=30.0)
+    assert window.rate(0.0, 0) is None
+    # A slow minute (tokenizing, the norm estimate), then 1000 tokens/s.
+    assert window.rate(60.0, 600) == 10.0
+    for second in range(61, 121):
+        rate = window.rate(float(second), 600 + 1000 * (second - 60))
+    # Since launch it would be 60,600 / 120 s = 505 tokens/s; the window sees the pace now.
+    assert rate == 1000.0

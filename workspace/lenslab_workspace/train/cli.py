@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         from lenslab_workspace.train.runner import train
 
         settings = load_run_file(args.run_file)
+        if settings.resilience.mirror:
+            from lenslab_workspace.train import mirror_env
+
+            mirror_env.apply(args.run_file)  # the mirror's credentials, before it is opened
         outcome = train(settings, args.runs_dir, fresh=args.fresh)
     except LenslabTrainError as exc:
         fail(str(exc))

@@ -7,21 +7,19 @@ holds ``architecture`` plus the fields of that architecture's ``TrainingSAEConfi
 ``LoggingConfig``. lenslab adds ``name`` (the run's directory), ``[resilience]`` and
 ``[tiny_random]`` (an offline, randomly initialised TransformerLens model).
 
-The SAELens field lists are read from SAELens itself, so a new SAELens field is accepted
-without a change here, and a misspelt one is refused with a suggestion.
+What lenslab does with each SAELens field is in fields.py; names and types are checked
+against SAELens's own dataclasses (fieldtypes.py), so a misspelt field is refused with a
+suggestion. The ``[logger]`` fields are handled in one place, ``_logger_fields`` below.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
 import re
 import sys
-import typing
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lenslab.contract import RUN_NAME_HELP, is_run_name
 from lenslab_workspace.train.errors import RunConfigError
+from lenslab_workspace.train.fields import REPLACED, check_refused, replaced_notes
+from lenslab_workspace.train.fieldtypes import (
+    describe,
+    logger_field_types,
+    one_line,
+    runner_field_types,
+    sae_field_types,
+    validate_dataclass_fields,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,17 +44,7 @@ else:  # Python 3.10
     import tomli as tomllib
 
 TINY_RANDOM_MODEL = "tiny-random"
-
-# Fields of LanguageModelSAERunnerConfig that lenslab replaces with its own run directory,
-# checkpoints and resume. Accepted (so an existing SAELens config file loads) but ignored.
-MANAGED_BY_LENSLAB = frozenset(
-    {"checkpoint_path", "n_checkpoints", "save_final_checkpoint", "output_path", "resume_from_checkpoint"}
-)
-# Fields whose SAELens feature lenslab cannot make resumable yet; setting them is an error.
-UNSUPPORTED = {
-    "use_cached_activations": "cached activations are not resumable by lenslab yet; set it to false",
-    "prefetch_llm_batches": "prefetching breaks exact resume; set it to false",
-}
+SAELENS_SEED = 42  # LanguageModelSAERunnerConfig.seed's default
 
 
 # A mirror: a URL with a scheme (s3://bucket/prefix, file:///abs/path) or an absolute path.
@@ -86,7 +83,9 @@ class TinyRandomConfig(BaseModel):
     """``[tiny_random]``: a small randomly initialised HookedTransformer, no download needed.
 
     It has no tokenizer: text is encoded as UTF-8 bytes (ids 0-255) and the id ``d_vocab - 1``
-    is the BOS token, so ``d_vocab`` must be at least 257.
+    is the BOS token, so ``d_vocab`` must be at least 257. ``seed`` seeds its weights; left
+    out, the run's ``seed`` does (so ``seed`` changes the model as well as the SAE's
+    initialisation and the mixing order).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -100,7 +99,7 @@ class TinyRandomConfig(BaseModel):
     n_ctx: int = Field(256, ge=1)
     act_fn: str = "gelu"
     normalization_type: str | None = "LN"
-    seed: int = 0
+    seed: int | None = None
 
 
 class RunFile(BaseModel):
@@ -134,6 +133,8 @@ class RunSettings:
     logger_fields: dict[str, Any]
     resilience: ResilienceConfig
     tiny_random: TinyRandomConfig | None
+    # Lines for train.log about fields lenslab accepts but does itself (fields.REPLACED).
+    notes: tuple[str, ...] = ()
 
     def comparable(self) -> dict[str, Any]:
         """Everything that defines the run, as plain JSON values (saved as run-config.json)."""
@@ -175,7 +176,7 @@ class RunSettings:
                 **self.runner_fields,
             )
         except (ValueError, TypeError) as exc:
-            raise RunConfigError(f"{self.source}: {_one_line(str(exc))}") from exc
+            raise RunConfigError(f"{self.source}: {one_line(str(exc))}") from exc
 
 
 # Fields that may change between launches of the same run without making the resume wrong.
@@ -187,6 +188,9 @@ HARMLESS_PREFIXES = (
     "resilience.status_every_seconds",
     "logger.",
     "runner.verbose",
+    # Read by neither SAELens nor lenslab to make the data: the dataset's columns decide.
+    "runner.is_dataset_tokenized",
+    "runner.hook_eval",
     "runner.n_eval_batches",
     "runner.eval_batch_size_prompts",
     # A new box may have another device; resuming is still right, only bit-exactness across
@@ -235,36 +239,28 @@ def load_run_file(path: str | Path) -> RunSettings:
     try:
         run = RunFile.model_validate(raw)
     except pydantic.ValidationError as exc:
-        raise RunConfigError(f"{source}: {_describe(exc)}") from exc
+        raise RunConfigError(f"{source}: {describe(exc)}") from exc
 
-    runner_fields = dict(run.model_extra or {})
-    _check_unsupported(source, runner_fields)
-    for key in MANAGED_BY_LENSLAB & runner_fields.keys():
+    runner_fields = validate_dataclass_fields(source, "", runner_field_types(), dict(run.model_extra or {}))
+    check_refused(source, runner_fields)
+    notes = replaced_notes(runner_fields)
+    for key in REPLACED.keys() & runner_fields.keys():
         runner_fields.pop(key)
-    runner_fields = _validate_dataclass_fields(source, "", _runner_field_types(), runner_fields)
 
     sae_raw = dict(run.sae)
     architecture = sae_raw.pop("architecture", "standard")
-    architectures = _sae_field_types()
+    architectures = sae_field_types()
     if architecture not in architectures:
         raise RunConfigError(
             f"{source}: field 'sae.architecture': unknown architecture {architecture!r}; "
             f"choose one of {', '.join(sorted(architectures))}"
         )
     sae_raw.setdefault("device", runner_fields.get("device", "cpu"))
-    sae_fields = _validate_dataclass_fields(source, "sae.", architectures[architecture], sae_raw)
-
-    logger_raw = {"log_to_wandb": False, **run.logger}
-    logger_fields = _validate_dataclass_fields(source, "logger.", _logger_field_types(), logger_raw)
-    if logger_fields["log_to_wandb"]:
-        raise RunConfigError(
-            f"{source}: field 'logger.log_to_wandb': wandb logging is not supported by lenslab-train yet; "
-            "set it to false (progress goes to the terminal and status.json)"
-        )
+    sae_fields = validate_dataclass_fields(source, "sae.", architectures[architecture], sae_raw)
+    logger_fields = _logger_fields(source, run.logger)
 
     _check_ranges(source, architecture, runner_fields, sae_fields)
-    if runner_fields.get("model_name") == TINY_RANDOM_MODEL and run.tiny_random is None:
-        run.tiny_random = TinyRandomConfig()
+    tiny_random = _tiny_random(source, runner_fields, run.tiny_random)
     _resolve_dataset_path(source, runner_fields)
 
     return RunSettings(
@@ -275,8 +271,40 @@ def load_run_file(path: str | Path) -> RunSettings:
         sae_fields=sae_fields,
         logger_fields=logger_fields,
         resilience=run.resilience,
-        tiny_random=run.tiny_random,
+        tiny_random=tiny_random,
+        notes=tuple(notes),
     )
+
+
+def _tiny_random(source: Path, runner: dict[str, Any], tiny: TinyRandomConfig | None) -> TinyRandomConfig | None:
+    """The tiny-random model's config, its seed resolved (the run's ``seed`` unless given)."""
+    if runner.get("model_name") != TINY_RANDOM_MODEL:
+        return tiny
+    if runner.get("use_chat_formatting"):
+        raise RunConfigError(
+            f"{source}: field 'use_chat_formatting': the tiny-random model has no chat template (its tokens "
+            "are UTF-8 bytes); set it to false, or use a model whose tokenizer has a chat template"
+        )
+    tiny = tiny or TinyRandomConfig()
+    if tiny.seed is None:
+        tiny = tiny.model_copy(update={"seed": runner.get("seed", SAELENS_SEED)})
+    return tiny
+
+
+# --- [logger]: SAELens's LoggingConfig --------------------------------------------------------
+
+
+def _logger_fields(source: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """The ``[logger]`` table, validated against SAELens's ``LoggingConfig``."""
+    logger_raw = {"log_to_wandb": False, **raw}
+    logger_fields = validate_dataclass_fields(source, "logger.", logger_field_types(), logger_raw)
+    from lenslab_workspace.train.wandb_log import check_logger_fields  # imports no wandb
+
+    check_logger_fields(source, logger_fields)
+    return logger_fields
+
+
+# --- ranges and paths -------------------------------------------------------------------------
 
 
 # Numbers SAELens accepts silently but cannot train with; checked before anything is built.
@@ -324,12 +352,6 @@ def _check_finite(source: Path, value: Any, field: str = "") -> None:
             _check_finite(source, item, f"{field}[{index}]")
 
 
-def _check_unsupported(source: Path, fields: dict[str, Any]) -> None:
-    for key, why in UNSUPPORTED.items():
-        if fields.get(key):
-            raise RunConfigError(f"{source}: field '{key}': {why}")
-
-
 def _resolve_dataset_path(source: Path, fields: dict[str, Any]) -> None:
     """A dataset path relative to the run file is made absolute; HF names are left alone.
 
@@ -355,107 +377,3 @@ def _resolve_dataset_path(source: Path, fields: dict[str, Any]) -> None:
 
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
-
-
-def _validate_dataclass_fields(
-    source: Path, prefix: str, types: dict[FieldName, Any], values: dict[str, Any]
-) -> dict[str, Any]:
-    """Check names (with a suggestion for typos) and types (pydantic) of SAELens fields."""
-    names = {str(field) for field in types}
-    for key in values:
-        if key not in names:
-            hint = difflib.get_close_matches(key, sorted(names), n=1)
-            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
-            where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-            raise RunConfigError(f"{source}: unknown field '{prefix}{key}' in {where}{suggestion}")
-    model = _pydantic_model_for(prefix or "runner", tuple(sorted(types.items(), key=lambda kv: kv[0].name)))
-    # TOML has arrays, not tuples: an array is accepted where SAELens wants a tuple.
-    tuple_fields = {str(f) for f, hint in types.items() if typing.get_origin(hint) is tuple}
-    values = {k: tuple(v) if k in tuple_fields and isinstance(v, list) else v for k, v in values.items()}
-    try:
-        validated = model.model_validate(values)
-    except pydantic.ValidationError as exc:
-        raise RunConfigError(f"{source}: {_describe(exc, prefix)}") from exc
-    return {k: getattr(validated, k) for k in values}
-
-
-@dataclasses.dataclass(frozen=True)
-class FieldName:
-    """A dataclass field's name, and whether it has no default (so the user must give it)."""
-
-    name: str
-    required: bool
-
-    def __str__(self) -> str:
-        return self.name
-
-
-@cache
-def _pydantic_model_for(name: str, fields: tuple[tuple[FieldName, Any], ...]) -> type[BaseModel]:
-    definitions: dict[str, Any] = {key.name: (hint, ... if key.required else None) for key, hint in fields}
-    return pydantic.create_model(
-        f"Fields_{name.strip('.')}",
-        # Strict: "no" is not a bool and "5" is not an int (an int is still a valid float).
-        __config__=ConfigDict(arbitrary_types_allowed=True, strict=True),
-        **definitions,
-    )
-
-
-def _dataclass_types(cls: type) -> dict[FieldName, Any]:
-    hints = typing.get_type_hints(cls)
-    return {
-        FieldName(f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING): hints[f.name]
-        for f in dataclasses.fields(cls)
-    }
-
-
-def _without(types: dict[FieldName, Any], *names: str) -> dict[FieldName, Any]:
-    return {field: hint for field, hint in types.items() if field.name not in names}
-
-
-@cache
-def _runner_field_types() -> dict[FieldName, Any]:
-    from sae_lens import LanguageModelSAERunnerConfig
-
-    return _without(_dataclass_types(LanguageModelSAERunnerConfig), "sae", "logger", *MANAGED_BY_LENSLAB)
-
-
-@cache
-def _logger_field_types() -> dict[FieldName, Any]:
-    from sae_lens import LoggingConfig
-
-    return _dataclass_types(LoggingConfig)
-
-
-@cache
-def _sae_field_types() -> dict[str, dict[FieldName, Any]]:
-    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
-
-    result = {}
-    for architecture, (_, config_class) in SAE_TRAINING_CLASS_REGISTRY.items():
-        # metadata is filled in by the runner, not by the user
-        result[architecture] = _without(_dataclass_types(config_class), "metadata")
-    return result
-
-
-def _describe(exc: pydantic.ValidationError, prefix: str = "") -> str:
-    parts = []
-    for error in exc.errors():
-        field = prefix + ".".join(str(p) for p in error["loc"])
-        message = error["msg"]
-        if error["type"] == "missing":
-            message = "is required"
-        elif error["type"] == "extra_forbidden":
-            message = "is not a known field"
-        elif error["type"] == "value_error":
-            message = message.removeprefix("Value error, ")
-        given = error.get("input")
-        shown = (
-            "" if error["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
-        )
-        parts.append(f"field '{field}': {message}{shown}")
-    return "; ".join(parts)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,36 +25,38 @@ import numpy as np
 import torch
 
 from lenslab_workspace.train.atomic import fsync_dir, write_json_atomic
+from lenslab_workspace.train.dataset import ByteTokenizer, iterate_sequences, root_reason
 from lenslab_workspace.train.errors import DataError
 
+# ByteTokenizer, iterate_sequences and root_reason live in dataset.py; the token array's
+# readers import them from here too.
+__all__ = [
+    "ActivationStream",
+    "ByteTokenizer",
+    "content_hash",
+    "dataset_key",
+    "iterate_sequences",
+    "materialize_tokens",
+    "root_reason",
+    "sequences_needed",
+]
+
 log = logging.getLogger("lenslab.train")
-
-TOKEN_COLUMNS = ("tokens", "input_ids", "text", "problem")
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
-
-
-class ByteTokenizer:
-    """The tiny-random model's tokenizer: UTF-8 bytes, BOS is the last id of the vocabulary."""
-
-    def __init__(self, d_vocab: int) -> None:
-        self.bos_token_id = d_vocab - 1
-
-    def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-
 
 HASHES_FILE = "dataset-hashes.json"
 HASH_CHUNK_BYTES = 8 << 20
 
 
-def dataset_key(runner: dict[str, Any], tokenizer_name: str, n_sequences: int, data_dir: Path) -> str:
+def dataset_key(
+    runner: dict[str, Any], tokenizer_name: str, n_sequences: int, data_dir: Path, exclude: list[int] | None = None
+) -> str:
     """What determines the token array; a change makes a new array instead of reusing one.
 
     A local dataset is known by its content (sha256), not its path or mtime: uploading the same
     file again, or to another place, finds the array tokenized before.
     """
     fingerprint: dict[str, Any] = {
-        "tokenized": runner.get("is_dataset_tokenized", True),
+        "chat": runner.get("use_chat_formatting", False),
         "context_size": runner.get("context_size", 128),
         "prepend_bos": runner.get("prepend_bos", True),
         "separator": runner.get("sequence_separator_token", "bos"),
@@ -63,6 +64,9 @@ def dataset_key(runner: dict[str, Any], tokenizer_name: str, n_sequences: int, d
         "tokenizer": tokenizer_name,
         "n_sequences": n_sequences,
     }
+    if exclude is not None:  # the array holds more rows: excluded positions do not count
+        fingerprint["exclude"] = sorted(exclude)
+        fingerprint["seqpos_slice"] = list(runner.get("seqpos_slice", (None,)))
     path = Path(runner["dataset_path"])
     if path.exists():
         fingerprint["content"] = content_hash(path, data_dir)
@@ -109,135 +113,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def root_reason(exc: BaseException) -> str:
-    """The message of the exception at the bottom of ``exc``'s cause chain, on one line:
-    datasets wraps the reason (e.g. pyarrow's "JSON parse error: ...") in a generic error.
-    An implicit ``__context__`` is followed only past an empty message: after a message it
-    is what failed while handling the reason (datasets' fallback parser), not the reason."""
-    seen: set[int] = set()
-    reason = " ".join(str(exc).split()) or type(exc).__name__
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        text = " ".join(str(current).split())
-        if text:
-            reason = text
-        current = current.__cause__ or (None if text else current.__context__)
-    return reason
-
-
-def iterate_rows(runner: dict[str, Any]) -> Iterator[Any]:
-    """Rows of the dataset's token column, from a local file or a Hugging Face dataset."""
-    import datasets
-
-    source = runner["dataset_path"]
-    path = Path(source)
-    try:
-        if path.is_dir():
-            dataset: Any = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                dataset = dataset["train"]
-        elif path.exists():
-            if path.stat().st_size == 0:
-                raise DataError(f"dataset_path {source}: the file is empty (0 bytes); point it at a file with rows")
-            kind = LOCAL_FORMATS.get(path.suffix)
-            if kind is None:
-                raise DataError(
-                    f"dataset_path {source}: unsupported file type {path.suffix!r}; "
-                    f"use one of {', '.join(LOCAL_FORMATS)} or a saved dataset directory"
-                )
-            if kind == "arrow":
-                dataset = datasets.Dataset.from_file(str(path))
-            else:
-                dataset = datasets.load_dataset(kind, data_files=str(path), split="train")
-        else:
-            dataset = datasets.load_dataset(
-                source,
-                split="train",
-                streaming=runner.get("streaming", True),
-                trust_remote_code=runner.get("dataset_trust_remote_code", True),
-            )
-    except DataError:
-        raise
-    except Exception as exc:  # datasets raises many unrelated types for one cause: not loadable
-        raise DataError(f"dataset_path {source}: cannot load it: {root_reason(exc)[:300]}") from exc
-
-    columns = list(dataset.column_names or [])
-    column = next((c for c in TOKEN_COLUMNS if c in columns), None)
-    if column is None:
-        raise DataError(
-            f"dataset_path {source}: no token or text column; expected one of {', '.join(TOKEN_COLUMNS)}, "
-            f"found {', '.join(columns) or 'none'}"
-        )
-    for row in dataset:
-        yield row[column]
-
-
-def iterate_sequences(runner: dict[str, Any], model: Any, tokenizer: Any) -> Iterator[torch.Tensor]:
-    """Fixed-length token sequences, made the way SAELens's ActivationsStore makes them."""
-    from sae_lens.pretokenize_runner import get_special_token_from_cfg
-    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
-
-    context_size = runner.get("context_size", 128)
-    source = runner["dataset_path"]
-    if runner.get("is_dataset_tokenized", True):
-        for index, row in enumerate(iterate_rows(runner)):
-            if not isinstance(row, list | tuple) or not all(type(t) is int for t in row):
-                raise DataError(
-                    f"dataset_path {source}: row {index} is {_kind(row)}, not a list of token ids; "
-                    "set is_dataset_tokenized = false for a text dataset"
-                )
-            tokens = torch.as_tensor(row[:context_size], dtype=torch.long)
-            if tokens.shape[0] < context_size:
-                raise DataError(
-                    f"dataset_path {runner['dataset_path']}: a pre-tokenized row has {tokens.shape[0]} tokens, "
-                    f"fewer than context_size = {context_size}; lower context_size or re-tokenize"
-                )
-            yield tokens
-        return
-
-    def tokenized() -> Iterator[torch.Tensor]:
-        for index, text in enumerate(iterate_rows(runner)):
-            if not isinstance(text, str):
-                raise DataError(
-                    f"dataset_path {source}: row {index} is {_kind(text)}, not text; fix the row, or set "
-                    "is_dataset_tokenized = true for a dataset of token ids"
-                )
-            if isinstance(tokenizer, ByteTokenizer):
-                yield tokenizer.encode(text)
-            else:
-                yield model.to_tokens(text, truncate=False, move_to_device=False, prepend_bos=False).squeeze(0)
-
-    bos = tokenizer.bos_token_id if tokenizer is not None else None
-    separator_cfg = runner.get("sequence_separator_token", "bos")
-    if isinstance(tokenizer, ByteTokenizer):
-        separator = bos if separator_cfg in ("bos", "eos", "sep") else separator_cfg
-    else:
-        separator = get_special_token_from_cfg(separator_cfg, tokenizer) if tokenizer is not None else None
-    yield from concat_and_batch_sequences(
-        tokens_iterator=tokenized(),
-        context_size=context_size,
-        begin_batch_token_id=bos if runner.get("prepend_bos", True) else None,
-        begin_sequence_token_id=None,
-        sequence_separator_token_id=separator,
-        disable_concat_sequences=runner.get("disable_concat_sequences", False),
-    )
-
-
-KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "text", dict: "an object", list: "a list"}
-
-
-def _kind(value: Any) -> str:
-    return "empty (null)" if value is None else KINDS.get(type(value), f"a {type(value).__name__}")
-
-
 def sequences_needed(runner: dict[str, Any], training_context_size: int) -> int:
-    """Enough sequences for the whole run, so a streamed dataset is read once and no further."""
+    """Enough sequences for the whole run, so a streamed dataset is read once and no further.
+
+    The stream reads the batches it trains on and those of the norm estimate, plus what its
+    mixing buffer holds at the end: ``n_batches_in_buffer`` sequences' worth of positions
+    (SAELens's buffer size is ``n_batches_in_buffer x training context``), plus at most one
+    model batch and one training batch beyond.
+    """
+    context = max(training_context_size, 1)
+    batch_size = runner.get("train_batch_size_tokens", 4096)
     tokens = runner.get("training_tokens", 2_000_000)
-    tokens += runner.get("n_batches_for_norm_estimate", 1000) * runner.get("train_batch_size_tokens", 4096)
-    batch = runner.get("store_batch_size_prompts", 32)
-    buffer_batches = runner.get("n_batches_in_buffer", 20)
-    return int(math.ceil(tokens / max(training_context_size, 1)) + (buffer_batches + 2) * batch)
+    tokens += runner.get("n_batches_for_norm_estimate", 1000) * batch_size
+    buffer_sequences = runner.get("n_batches_in_buffer", 20)
+    store_batch = runner.get("store_batch_size_prompts", 32)
+    return int(math.ceil(tokens / context) + buffer_sequences + 2 * store_batch + math.ceil(batch_size / context))
 
 
 def materialize_tokens(
@@ -248,9 +138,16 @@ def materialize_tokens(
     tokenizer_name: str,
     limit: int,
     reuse_from: tuple[Path, ...] = (),
+    exclude_tokens: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """Tokenize once into ``data/tokens-<key>.npy`` (atomically) and memory-map it."""
-    target = data_dir / f"tokens-{dataset_key(runner, tokenizer_name, limit, data_dir)}.npy"
+    """Tokenize once into ``data/tokens-<key>.npy`` (atomically) and memory-map it.
+
+    ``limit`` sequences' worth of training positions are stored. With ``exclude_tokens`` the
+    positions the stream drops do not count, so more rows are stored: SAELens reads new rows
+    to replace dropped positions, and so must the stream, instead of wrapping to early rows.
+    """
+    exclude = None if exclude_tokens is None else [int(t) for t in exclude_tokens.tolist()]
+    target = data_dir / f"tokens-{dataset_key(runner, tokenizer_name, limit, data_dir, exclude)}.npy"
     if target.exists():
         return cast(np.ndarray, np.load(target, mmap_mode="r"))
     for other in reuse_from:
@@ -260,10 +157,15 @@ def materialize_tokens(
             log.info("reusing the tokenized dataset %s", target.name)
             return cast(np.ndarray, np.load(target, mmap_mode="r"))
     context_size = runner.get("context_size", 128)
+    positions = slice(*runner.get("seqpos_slice", (None,)))
+    needed = limit * len(range(context_size)[positions])
     rows: list[torch.Tensor] = []
+    kept = 0
     for sequence in iterate_sequences(runner, model, tokenizer):
         rows.append(sequence.to(torch.int32))
-        if len(rows) >= limit:
+        used = sequence[positions]
+        kept += int(used.numel() if exclude_tokens is None else (~torch.isin(used, exclude_tokens.cpu())).sum())
+        if kept >= needed:
             break
     if not rows:
         raise DataError(
@@ -271,8 +173,13 @@ def materialize_tokens(
             "(no rows, or too little text in all); add data or lower context_size"
         )
     log.info("tokenized %d sequences of %d tokens into %s", len(rows), context_size, target.name)
-    array = torch.stack(rows).numpy()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    _save_array(target, torch.stack(rows).numpy())
+    return cast(np.ndarray, np.load(target, mmap_mode="r"))
+
+
+def _save_array(target: Path, array: np.ndarray) -> None:
+    """Write aside, fsync, rename: no half-written array ever has the target's name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
@@ -284,8 +191,7 @@ def materialize_tokens(
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(data_dir)
-    return cast(np.ndarray, np.load(target, mmap_mode="r"))
+    fsync_dir(target.parent)
 
 
 class ActivationStream:
@@ -322,6 +228,10 @@ class ActivationStream:
         self.exclude_tokens = exclude_tokens
         self.stop_at_layer = extract_stop_at_layer_from_tlens_hook_name(self.hook_name)
         self.autocast_lm = bool(runner.get("autocast_lm", False))
+        # act_store_device as in SAELens: the SAE's device unless set; "with_model" is the model's.
+        device = runner.get("device", "cpu")
+        store = runner.get("act_store_device") or device
+        self.store_device = torch.device(runner.get("llm_device") or device if store == "with_model" else store)
         if self.buffer_size < self.batch_size:
             # SAELens's mixing_buffer refuses this too; say which fields to change.
             raise DataError(
@@ -392,7 +302,7 @@ class ActivationStream:
         acts = cache[self.hook_name][:, self.seqpos_slice]
         if self.hook_head_index is not None:
             acts = acts[:, :, self.hook_head_index]
-        acts = acts.reshape(acts.shape[0] * acts.shape[1], self.d_in).float()
+        acts = acts.reshape(acts.shape[0] * acts.shape[1], self.d_in).float().to(self.store_device)
         if self.exclude_tokens is not None:
             token_ids = batch_tokens[:, self.seqpos_slice].reshape(-1).to(acts.device)
             acts = acts[~torch.isin(token_ids, self.exclude_tokens.to(acts.device))]

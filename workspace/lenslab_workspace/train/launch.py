@@ -93,8 +93,8 @@ def check_devices(settings: RunSettings) -> None:
     named = [(f, settings.runner_fields.get(f)) for f in DEVICE_FIELDS]
     named.append(("sae.device", settings.sae_fields.get("device")))
     for field, value in named:
-        if value is None:
-            continue
+        if value is None or (field == "act_store_device" and value == "with_model"):
+            continue  # "with_model": SAELens's legacy spelling of the model's device
         try:
             device = torch.device(value)
         except (RuntimeError, TypeError) as exc:

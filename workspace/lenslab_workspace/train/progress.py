@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import deque
 from typing import Any
 
 log = logging.getLogger("lenslab.train")
 
 LOG_EVERY_SECONDS = 10.0
+# tokens_per_second and eta_seconds cover this much recent time.
+RATE_WINDOW_SECONDS = 30.0
 
 
 class Progress:
@@ -49,3 +52,23 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class RateWindow:
+    """Tokens per second over the last ``seconds`` (not since launch): after a slow start
+    (tokenizing, the norm estimate, a resume) the rate and the ETA follow the current pace."""
+
+    def __init__(self, now: float, tokens: int, seconds: float = RATE_WINDOW_SECONDS) -> None:
+        self.seconds = seconds
+        self._samples: deque[tuple[float, int]] = deque([(now, tokens)])
+
+    def rate(self, now: float, tokens: int) -> float | None:
+        """The rate between the oldest sample still in the window and now; None at first."""
+        self._samples.append((now, tokens))
+        # Keep one sample at or before the window's start, so the window is always covered.
+        while len(self._samples) > 2 and self._samples[1][0] <= now - self.seconds:
+            self._samples.popleft()
+        then, before = self._samples[0]
+        if now <= then:
+            return None
+        return (tokens - before) / (now - then)

@@ -12,6 +12,9 @@ runs/<name>/
   checkpoints/.tmp-*            unfinished writes; never loaded, removed at start
   checkpoints/.refused-step-*   checkpoints whose state files would not load as data only
   final/                   the finished SAE in SAELens's format (SAE.load_from_disk)
+  wandb-run.json           the wandb run id, with [logger] log_to_wandb (also in each
+                           checkpoint's wandb.json, with its newest records)
+  wandb/                   wandb's own files (offline runs to `wandb sync`)
 """
 
 from __future__ import annotations

@@ -53,12 +53,13 @@ from lenslab_workspace.train.launch import (
     write_crash_log,
 )
 from lenslab_workspace.train.mirror import Mirror, MirrorUploader
-from lenslab_workspace.train.models import load_language_model
-from lenslab_workspace.train.progress import Progress
+from lenslab_workspace.train.models import check_pretrained, load_language_model, make_training_sae
+from lenslab_workspace.train.progress import Progress, RateWindow
 from lenslab_workspace.train.rundir import RunDir
 from lenslab_workspace.train.signals import StopRequest
 from lenslab_workspace.train.state import load_states, restore, take_snapshot
 from lenslab_workspace.train.status import StatusFile
+from lenslab_workspace.train.wandb_log import WandbLog, open_run
 
 log = logging.getLogger("lenslab.train")
 
@@ -85,6 +86,7 @@ class Built:
     stream: ActivationStream
     trainer: Any
     resumed_from: int | None
+    checkpoint: Path | None = None  # the one resumed from
 
 
 def seed_everything(seed: int) -> None:
@@ -148,6 +150,7 @@ class TrainingRun:
                     EXIT_FINISHED, f"run '{self.settings.name}' already finished; the SAE is in {self.target.final}"
                 )
         check_devices(self.settings)
+        check_pretrained(self.settings)
         self.cfg = self.settings.runner_config()
         res = self.settings.resilience
         if res.mirror:
@@ -277,19 +280,22 @@ class TrainingRun:
             return None
 
     def _build(self) -> Built:
-        from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
         from sae_lens.training.sae_trainer import SAETrainer
 
         found = self._find_checkpoint()
         cfg, fields = self.cfg, self.settings.runner_fields
-        if self.settings.resilience.exact and str(cfg.device).startswith("cuda"):
-            # cuBLAS needs this for deterministic matmuls; it must be set before CUDA starts.
+        for note in self.settings.notes:
+            log.info(note)
+        if self.settings.resilience.exact:
+            # Deterministic kernels on every device (matching_pursuit's backward pass differs
+            # between two CPU runs otherwise); cuBLAS also needs the variable, before CUDA starts.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.seed)
         model, tokenizer, tokenizer_name = load_language_model(self.settings, str(cfg.llm_device))
         check_hook(self.settings, model, cfg.sae.d_in)
         stream_context = len(range(cfg.context_size)[slice(*cfg.seqpos_slice)])
+        exclude = build_exclude_tokens(fields, tokenizer)
         tokens = materialize_tokens(
             fields,
             model,
@@ -298,9 +304,10 @@ class TrainingRun:
             tokenizer_name,
             sequences_needed(fields, stream_context),
             reuse_from=(self.target.data_dir,) if self.run is not self.target else (),
+            exclude_tokens=exclude,
         )
-        stream = ActivationStream(model, tokens, fields, cfg.sae.d_in, build_exclude_tokens(fields, tokenizer))
-        sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(cfg.get_training_sae_cfg_dict()).to_dict())
+        stream = ActivationStream(model, tokens, fields, cfg.sae.d_in, exclude)
+        sae = make_training_sae(self.settings, cfg)
         set_sae_metadata(sae, cfg)
         sae.to(cfg.device)
         trainer = SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=sae, data_provider=stream)
@@ -310,7 +317,7 @@ class TrainingRun:
         restore(trainer, stream, found.path, str(cfg.device), found.states)
         step, samples = found.manifest["step"], found.manifest["n_training_samples"]
         log.info("resuming from %s (step %d, %d tokens)", found.path.name, step, samples)
-        return Built(stream, trainer, step)
+        return Built(stream, trainer, step, found.path)
 
     def _after_commit(self, committed: ckpt.CommittedCheckpoint) -> None:
         """On the writer thread, once a checkpoint is committed: pin the config, then mirror."""
@@ -327,6 +334,7 @@ class TrainingRun:
         status.update(state="running", step=trainer.n_training_steps, tokens_done=trainer.n_training_samples)
         status.update(resumed_from_step=built.resumed_from)
         status.write()
+        wb = open_run(self.cfg, self.settings.logger_fields, self.run.root, built.checkpoint, trainer.n_training_steps)
         if self.mirror is not None:
             self.uploader = MirrorUploader(self.mirror, res.mirror_max_consecutive_failures, res.mirror_retry_seconds)
         retain = self.uploader.retain(self.run.checkpoints, res.keep_last) if self.uploader is not None else None
@@ -336,13 +344,15 @@ class TrainingRun:
         trainer.optimizer.register_step_pre_hook(lambda *_: writer.wait_staged())
         self._estimate_scaler_if_needed(trainer, stream)
         progress = Progress(total, trainer.n_training_samples)
-        start_time, start_tokens = time.monotonic(), trainer.n_training_samples
+        window = RateWindow(time.monotonic(), trainer.n_training_samples)
         last_checkpoint_time, last_checkpoint_tokens = time.monotonic(), trainer.n_training_samples
         last_status = 0.0
         try:
             while trainer.n_training_samples < total:
-                trainer.maybe_reset_sparsity()
+                sparsity_log = trainer.maybe_reset_sparsity()
                 output = trainer.step(next(stream))
+                if wb is not None:
+                    wb.log_step(trainer, output, sparsity_log)
                 trainer.n_training_steps += 1
                 if self.stop.requested or self._mirror_failed():
                     break
@@ -351,16 +361,16 @@ class TrainingRun:
                     trainer.n_training_samples - last_checkpoint_tokens >= res.checkpoint_every_tokens
                 )
                 if tokens_due or now - last_checkpoint_time >= res.checkpoint_every_seconds:
-                    writer.submit(take_snapshot(trainer, stream, self.config_hash, versions()))
+                    writer.submit(self._snapshot(trainer, stream, wb))
                     last_checkpoint_time, last_checkpoint_tokens = now, trainer.n_training_samples
                 if now - last_status >= res.status_every_seconds:
                     last_status = now
-                    rate = (trainer.n_training_samples - start_tokens) / max(now - start_time, 1e-9)
+                    rate = window.rate(now, trainer.n_training_samples)
                     losses = {k: float(v.item() if hasattr(v, "item") else v) for k, v in output.losses.items()}
                     self._report(trainer, writer, rate, losses)
                     progress.update(trainer.n_training_samples, trainer.n_training_steps, losses, rate)
             if trainer.n_training_samples < total and (self.stop.requested or self._mirror_failed()):
-                writer.submit(take_snapshot(trainer, stream, self.config_hash, versions()))
+                writer.submit(self._snapshot(trainer, stream, wb))
                 committed = writer.wait()
                 saved = f"checkpoint {committed.path.name if committed else '?'} saved"
                 if self.uploader is not None and self.uploader.fatal is not None:
@@ -372,7 +382,11 @@ class TrainingRun:
             writer.wait()
             if not self.run.config_file.exists():  # a run too short for a checkpoint: pin it now
                 write_json_atomic(self.run.config_file, self.settings.comparable())
+            if wb is not None:
+                wb.log_last_window(trainer)
             save_final(trainer, self.cfg, self.run, versions())
+            if wb is not None:
+                wb.log_final(trainer, self.cfg, self.run.final)
             self._close_uploader()
             self._report(trainer, writer, None, {}, state="finished", message=None)
             return Outcome(EXIT_FINISHED, f"finished: the SAE is in {self.run.final}")
@@ -382,6 +396,14 @@ class TrainingRun:
             raise
         finally:
             progress.close()
+            if wb is not None:
+                wb.close()
+
+    def _snapshot(self, trainer: Any, stream: ActivationStream, wb: WandbLog | None) -> ckpt.Snapshot:
+        snapshot = take_snapshot(trainer, stream, self.config_hash, versions())
+        if wb is not None:
+            wb.add_to(snapshot)  # the wandb run id and the newest records travel with the checkpoint
+        return snapshot
 
     def _mirror_failed(self) -> bool:
         return self.uploader is not None and self.uploader.fatal is not None

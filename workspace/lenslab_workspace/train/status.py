@@ -9,7 +9,7 @@ Schema (version 1), every key always present:
       "step": int,                   training steps done
       "tokens_done": int,            activations (tokens) trained on
       "tokens_total": int,           training_tokens of the run
-      "tokens_per_second": float | null,   over this launch
+      "tokens_per_second": float | null,   over the last 30 s (progress.RateWindow)
       "eta_seconds": float | null,
       "losses": {str: float},        the latest step's losses (SAELens names)
       "last_checkpoint": {"step": int, "tokens": int, "path": str, "time": float} | null,
@@ -24,6 +24,13 @@ Schema (version 1), every key always present:
     }
 
 It is replaced atomically (write aside, fsync, rename), so a reader never sees half a file.
+
+A launch writes it ("starting") as soon as its run directory exists, and a launch that then
+fails before or during training leaves ``"state": "failed"`` with the one-line reason in
+``message``. A launch refused before anything is written (a bad run file, a missing device,
+a changed config: exit 2) leaves no status: a new run gets no directory at all, and an
+existing run's directory, status included, stays as it was; the one line on stderr (the
+container's log) is the record.
 
 A trainer killed with SIGKILL (or with its machine) leaves ``"state": "running"``. To tell a
 live run from a dead one, evaluate ``is_alive(status)`` where the trainer ran (on the box, in

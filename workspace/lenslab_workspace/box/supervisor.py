@@ -1,0 +1,269 @@
+"""Detached training runs without Docker: one supervisor process per run.
+
+``start`` spawns ``python -m lenslab_workspace.box supervise NAME RUN_FILE`` in its own session
+(it outlives the SSH session that asked for it). The supervisor runs ``lenslab-train`` and
+restarts it after a crash, at most ``MAX_RESTARTS`` times; finishing (0), being stopped (75)
+and a bad run file (2) are not crashes. Its state lives in ``runs/<name>/supervisor.json``,
+replaced atomically under a lock:
+
+    desired         "running" or "stopped": a box that starts again (``serve``) restarts the
+                    runs that are still meant to run
+    supervisor_pid, trainer_pid, launched_at (when the current trainer started)
+    restarts, last_exit_code, phase ("running", "restarting", "exited")
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from lenslab.contract import (
+    EXIT_FINISHED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    RUNS_DIR,
+    STOP_TIMEOUT_SECONDS,
+    is_run_name,
+)
+from lenslab_workspace.box.layout import (
+    CONSOLE_FILE,
+    SUPERVISE_MARKER,
+    SUPERVISOR_FILE,
+    BoxError,
+    alive,
+    locked,
+    read_json,
+    run_dir,
+    write_json,
+)
+
+MAX_RESTARTS = 5
+NOT_CRASHES = (EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_USAGE)
+# The laptop's RunAlreadyRunning: a second start of a live run.
+EXIT_ALREADY_RUNNING = 8
+SPAWN_TIMEOUT_SECONDS = 15.0
+_BACKOFF_SECONDS = (1, 2, 4, 8, 10)
+
+
+def state_file(root: Path, name: str) -> Path:
+    return run_dir(root, name) / SUPERVISOR_FILE
+
+
+def read_state(root: Path, name: str) -> dict[str, Any]:
+    data = read_json(state_file(root, name))
+    return data if isinstance(data, dict) else {}
+
+
+def update_state(root: Path, name: str, **changes: Any) -> dict[str, Any]:
+    path = state_file(root, name)
+    with locked(path):
+        data = read_state(root, name)
+        data.update(changes, updated_at=time.time())
+        write_json(path, data)
+    return data
+
+
+def is_alive(state: dict[str, Any], name: str) -> bool:
+    return alive(state.get("supervisor_pid"), SUPERVISE_MARKER) and _cmd_names(state.get("supervisor_pid"), name)
+
+
+def _cmd_names(pid: object, name: str) -> bool:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return name.encode() in args and b"supervise" in args
+
+
+def check_name(name: str) -> None:
+    if not is_run_name(name):
+        raise BoxError(f"run name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-'", EXIT_USAGE)
+
+
+def start(root: Path, name: str, run_file: Path, *, resume: bool = False) -> dict[str, Any]:
+    """Spawn the run's supervisor, detached; its state once the supervisor reported in."""
+    check_name(name)
+    if not run_file.is_file():
+        raise BoxError(f"run file {run_file} does not exist; upload it first", EXIT_USAGE)
+    named = _file_run_name(run_file)
+    if named is not None and named != name:
+        # lenslab-train keeps the run under the file's name: the supervisor would watch another run.
+        raise BoxError(f"run file {run_file} names run {named!r}, not {name!r}; set name = {name!r} in it", EXIT_USAGE)
+    if is_alive(read_state(root, name), name):
+        raise BoxError(f"run {name} is already running", EXIT_ALREADY_RUNNING)
+    run_dir(root, name).mkdir(parents=True, exist_ok=True)
+    restarts = read_state(root, name).get("restarts", 0) if resume else 0
+    update_state(root, name, run=name, run_file=str(run_file.resolve()), desired="running", supervisor_pid=None,
+                 trainer_pid=None, restarts=restarts if isinstance(restarts, int) else 0, phase="starting")  # fmt: skip
+    with _console(root, name) as console:
+        child = subprocess.Popen(
+            [sys.executable, "-m", SUPERVISE_MARKER, "--root", str(root), "supervise", name, str(run_file.resolve())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=console,
+            start_new_session=True,  # its own session: closing the SSH session sends it no SIGHUP
+            close_fds=True,
+        )
+    deadline = time.monotonic() + SPAWN_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        state = read_state(root, name)
+        if state.get("supervisor_pid") == child.pid:
+            return state
+        if child.poll() is not None:
+            raise BoxError(f"the supervisor of run {name} exited at once ({child.returncode}); see {CONSOLE_FILE}")
+        time.sleep(0.05)
+    raise BoxError(f"the supervisor of run {name} did not report in within {SPAWN_TIMEOUT_SECONDS:.0f}s")
+
+
+def _file_run_name(run_file: Path) -> object:
+    """The ``name`` in the run file, or None when it has none or is no TOML (the trainer says so)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+    try:
+        return tomllib.loads(run_file.read_text(encoding="utf-8")).get("name")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+
+
+def _console(root: Path, name: str) -> Any:
+    return open(run_dir(root, name) / CONSOLE_FILE, "ab", buffering=0)
+
+
+def trainer_command(root: Path, run_file: str) -> list[str]:
+    """lenslab-train from PATH, else beside this Python (the image's venv)."""
+    found = shutil.which("lenslab-train") or str(Path(sys.executable).with_name("lenslab-train"))
+    return [found, run_file, "--runs-dir", str(root / RUNS_DIR)]
+
+
+class Supervisor:
+    """The loop of ``lenslab-box supervise``: launch, wait, decide, maybe launch again."""
+
+    def __init__(self, root: Path, name: str, run_file: str) -> None:
+        self.root, self.name, self.run_file = root, name, run_file
+        self.trainer: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Whoever stops the supervisor (`lenslab-box stop`, the container stopping) wants a
+        # checkpoint: the trainer gets SIGTERM and the loop ends once it exited.
+        self.stopping = True
+        if self.trainer is not None and self.trainer.poll() is None:
+            self.trainer.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        state = update_state(self.root, self.name, supervisor_pid=os.getpid())
+        restarts = int(state.get("restarts") or 0)
+        while True:
+            code = self._launch_and_wait()
+            if self.stopping or code in NOT_CRASHES:
+                break
+            if restarts >= MAX_RESTARTS:
+                self._say(f"trainer crashed (exit {code}) after {restarts} restarts; not restarting it")
+                update_state(self.root, self.name, desired="stopped")
+                break
+            restarts += 1
+            self._say(f"trainer crashed (exit {code}); restarting it ({restarts}/{MAX_RESTARTS})")
+            update_state(self.root, self.name, restarts=restarts, phase="restarting")
+            self._sleep(_BACKOFF_SECONDS[min(restarts, len(_BACKOFF_SECONDS)) - 1])
+            if self.stopping:
+                break
+        if not self.stopping:
+            # It finished, was refused, or someone else stopped the trainer: not meant to run on.
+            update_state(self.root, self.name, desired="stopped")
+        update_state(self.root, self.name, phase="exited", trainer_pid=None)
+        return 0
+
+    def _launch_and_wait(self) -> int:
+        with _console(self.root, self.name) as console:
+            self.trainer = subprocess.Popen(
+                trainer_command(self.root, self.run_file), stdin=subprocess.DEVNULL, stdout=console, stderr=console
+            )
+        update_state(self.root, self.name, trainer_pid=self.trainer.pid, launched_at=time.time(), phase="running")
+        if self.stopping:  # a signal that came before the trainer existed
+            self.trainer.send_signal(signal.SIGTERM)
+        deadline: float | None = None
+        while True:
+            try:
+                code = self.trainer.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if self.stopping:
+                deadline = deadline or time.monotonic() + STOP_TIMEOUT_SECONDS
+                if time.monotonic() > deadline:
+                    self._say(f"trainer did not stop within {STOP_TIMEOUT_SECONDS}s; killing it")
+                    self.trainer.kill()
+        code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
+        update_state(self.root, self.name, last_exit_code=code, trainer_pid=None)
+        return code
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def _say(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with _console(self.root, self.name) as console:
+            console.write(f"{stamp} SUPERVISOR {self.name}: {text}\n".encode())
+
+
+def stop(root: Path, name: str, timeout: float = STOP_TIMEOUT_SECONDS + 15) -> dict[str, Any]:
+    """Stop the run gracefully and wait for its supervisor; what happened, for the laptop."""
+    check_name(name)
+    state = read_state(root, name)
+    if not is_alive(state, name):
+        if state:
+            update_state(root, name, desired="stopped")
+        return {"run": name, "was_running": False, "exit_code": None}
+    update_state(root, name, desired="stopped")
+    pid = int(state["supervisor_pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while is_alive(read_state(root, name), name):
+        if time.monotonic() > deadline:
+            raise BoxError(f"run {name} did not stop within {timeout:.0f}s")
+        time.sleep(0.2)
+    return {"run": name, "was_running": True, "exit_code": read_state(root, name).get("last_exit_code")}
+
+
+def signal_all(root: Path, sig: int = signal.SIGTERM) -> list[int]:
+    """Send ``sig`` to every live supervisor (their desired state unchanged); their pids."""
+    pids = []
+    for name, state in states(root).items():
+        if is_alive(state, name):
+            pid = int(state["supervisor_pid"])
+            os.kill(pid, sig)
+            pids.append(pid)
+    return pids
+
+
+def states(root: Path) -> dict[str, dict[str, Any]]:
+    found = {}
+    for path in sorted((root / RUNS_DIR).glob(f"*/{SUPERVISOR_FILE}")):
+        name = path.parent.name
+        if is_run_name(name):
+            found[name] = read_state(root, name)
+    return found
+
+
+def resume_desired(root: Path) -> list[str]:
+    """Start again every run meant to run whose supervisor is gone (a restarted container)."""
+    resumed = []
+    for name, state in states(root).items():
+        run_file = Path(str(state.get("run_file") or ""))
+        if state.get("desired") == "running" and not is_alive(state, name) and run_file.is_file():
+            start(root, name, run_file, resume=True)
+            resumed.append(name)
+    return resumed
