@@ -58,7 +58,9 @@ RUN set -eux; \
       fi; \
     fi; \
     apt-get update; \
-    apt-get install -y --no-install-recommends ca-certificates python3 python3-venv git curl procps; \
+    apt-get install -y --no-install-recommends ca-certificates python3 python3-venv git curl procps \
+      openssh-server; \
+    rm -f /etc/ssh/ssh_host_*; \
     if [ -s "$extra" ]; then \
       install -m 0644 "$extra" /usr/local/share/ca-certificates/lenslab-extra-ca.crt; \
       update-ca-certificates; \
@@ -74,7 +76,10 @@ RUN set -eux; \
     getent group "$USER_GID" >/dev/null || groupadd --gid "$USER_GID" "$USERNAME"; \
     useradd --uid "$USER_UID" --gid "$USER_GID" --create-home --shell /bin/bash "$USERNAME"; \
     install -d -o "$USER_UID" -g "$USER_GID" /opt/lenslab /lab \
-      /lab/workspace /lab/checkpoints /lab/hf-cache /lab/runs
+      /lab/workspace /lab/checkpoints /lab/hf-cache /lab/runs; \
+    printf '%s\n' 'case ":$PATH:" in *:/opt/lenslab/venv/bin:*) ;; *) PATH=/opt/lenslab/venv/bin:$PATH ;; esac' \
+      'export LENSLAB_ROOT="${LENSLAB_ROOT:-/lab}" HF_HOME="${HF_HOME:-/lab/hf-cache}"' \
+      > /etc/profile.d/lenslab.sh
 
 # The venv belongs to the lab user, so `pip install` works in the dev container without sudo.
 USER ${USERNAME}
@@ -93,6 +98,7 @@ RUN set -eux; \
 # edit to lenslab's code reuses this layer and the torch layer above. The constraint keeps the
 # torch just installed (an unpinned resolve could swap in a different multi-GB build). lenslab
 # itself, which lenslab-workspace depends on, comes from the source below, never an index.
+# s3fs: boxes whose disk does not outlive them mirror runs to S3 (`[box] mirror = "s3://..."`).
 COPY pyproject.toml /opt/lenslab/deps/pyproject.toml
 COPY workspace/pyproject.toml /opt/lenslab/deps/workspace/pyproject.toml
 RUN set -eux; \
@@ -102,7 +108,7 @@ RUN set -eux; \
       pyproject.toml workspace/pyproject.toml > /opt/lenslab/requirements.txt; \
     cat /opt/lenslab/requirements.txt; \
     pip install --find-links /tmp/lenslab-wheels -c /opt/lenslab/constraints.txt \
-      -r /opt/lenslab/requirements.txt "jupyterlab>=4.2,<5" "setuptools>=68"
+      -r /opt/lenslab/requirements.txt "jupyterlab>=4.2,<5" "setuptools>=68" "s3fs>=2024.2"
 
 # The source last. --no-deps: everything it needs is installed above; no build isolation: the
 # setuptools above builds it, so this step needs no network.
@@ -115,7 +121,8 @@ RUN set -eux; \
     pip install --no-deps --no-build-isolation /opt/lenslab/src /opt/lenslab/src/workspace; \
     rm -rf /opt/lenslab/src/build /opt/lenslab/src/workspace/build; \
     lenslab --help >/dev/null; \
-    lenslab-train --help >/dev/null
+    lenslab-train --help >/dev/null; \
+    lenslab-box --version >/dev/null
 
 WORKDIR /lab
 
@@ -124,6 +131,11 @@ WORKDIR /lab
 # passes the device files but no working driver).
 HEALTHCHECK --interval=60s --timeout=30s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, torch, lenslab_workspace; root = os.environ['LENSLAB_ROOT']; assert os.access(root, os.W_OK), root + ' is not writable'; assert not os.path.exists('/dev/nvidiactl') or torch.cuda.is_available(), 'GPU device present but CUDA unusable'"]
+
+# A container box (an instance that is itself a container, without a Docker engine) starts
+# `lenslab-box serve` instead of the default command: sshd for the user lab on this port, and the
+# supervisor of its training runs.
+EXPOSE 2222
 
 # Jupyter listens on loopback only: it is reached through VSCode's port forwarding or an SSH
 # tunnel, never directly from the network. Training containers override this command.

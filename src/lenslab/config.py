@@ -62,6 +62,9 @@ image = "lenslab:latest"
 # budget_usd = 50                       # `lenslab status` warns from 80 %
 # min_vram_gb = 40                      # `lenslab up --cheapest`: memory per GPU at least
 # max_price_per_hour = 2.0              # `lenslab up --cheapest`: $/hour at most
+# interruptible = true                  # spot / bid instances, about half price; see `lenslab watch`
+# fallback = "on-demand"                # no interruptible offer within max_price_per_hour: "wait"
+# resume_wait_minutes = 10              # a preempted instance is waited for this long
 """
 
 
@@ -148,11 +151,29 @@ class BoxConfig(BaseModel):
     idle_minutes: float = Field(default=30, gt=0)
     # ssh boxes: power the machine off when idle (off by default: it may not be yours alone).
     autostop_poweroff: bool = False
+    # ssh boxes: "none" for a box without a Docker engine that runs lenslab's image (or has
+    # lenslab-workspace installed): runs are supervised by `lenslab-box` there, not by Docker.
+    engine: Literal["docker", "none"] = "docker"
 
     # `lenslab up --cheapest` (providers with live offers): the offers it may pick, besides
     # gpu_types and regions: at least this much memory per GPU, at most this much per hour.
     min_vram_gb: float | None = Field(default=None, gt=0)
     max_price_per_hour: float | None = Field(default=None, gt=0)
+    # Where runs are mirrored (an fsspec URL such as "s3://bucket/lenslab"); required by
+    # providers where nothing outlives an instance (vast), which hand it to the box. `lenslab
+    # train` makes it the [resilience] mirror of a run file that names none (lenslab.runmirror).
+    mirror: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9+.-]{0,15}://[!-~]{1,500}$")
+    # Environment variables (names) the mirror needs on the box, e.g. AWS_ACCESS_KEY_ID: `lenslab
+    # train` copies their values from here into a mode-600 file beside the run file.
+    mirror_env: list[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]{0,63}$")]] = Field(default_factory=list)
+    # Interruptible (spot / bid) instances: about half the price, taken back at any moment;
+    # `lenslab watch` relaunches or resumes them and the runs resume exactly. With no
+    # interruptible offer within max_price_per_hour, fallback "on-demand" takes an on-demand
+    # one, "wait" waits for one. A preempted instance the provider keeps is waited for (and
+    # resumed) up to resume_wait_minutes before a new one is launched.
+    interruptible: bool = False
+    fallback: Literal["on-demand", "wait"] = "on-demand"
+    resume_wait_minutes: float = Field(default=10, ge=0, le=1440)
 
     @model_validator(mode="after")
     def _provider_has_what_it_needs(self) -> BoxConfig:
@@ -160,6 +181,15 @@ class BoxConfig(BaseModel):
         problem = registry.provider_class(self.provider).config_problem(self)
         if problem:
             raise ValueError(problem)
+        caps = registry.provider_class(self.provider).capabilities
+        if self.interruptible and not caps.interruptible:
+            raise ValueError(
+                f"interruptible = true, but {self.provider} has no interruptible instances; "
+                "set interruptible = false, or a provider that has them (`lenslab offers --interruptible`)"
+            )
+        if self.engine != "docker" and (caps.rents_machines or caps.this_machine):
+            # A cloud provider knows what its instances are (capabilities.container_box).
+            raise ValueError(f'engine = "{self.engine}" is for a machine you bring over SSH; not for {self.provider}')
         return self
 
     @property

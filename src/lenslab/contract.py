@@ -40,6 +40,11 @@ EXIT_SECOND_SIGNAL = 130
 # stopper (`lenslab stop`, `lenslab down`, the autostop watcher).
 STOP_TIMEOUT_SECONDS = 120
 
+# The mirror's credentials for a run, beside its run file on the box (mode 600): a JSON object
+# of environment variables (names as below) that lenslab-train sets before it opens the mirror.
+MIRROR_ENV_FILE = ".mirror-env.json"
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+
 # Docker labels on everything lenslab starts on a box.
 BOX_LABEL = "lenslab.box"
 ROLE_LABEL = "lenslab.role"

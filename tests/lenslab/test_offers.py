@@ -209,13 +209,16 @@ def project(tmp_path: Path, provider: str, **fields: object) -> Path:
     return directory
 
 
-def test_up_cheapest_shows_the_offer_then_says_container_boxes_are_not_built(clouds: Clouds, tmp_path: Path) -> None:
-    where = project(tmp_path, "runpod", gpu_types=["A100", "4090"])
+def test_up_cheapest_shows_the_offer_and_a_budget_it_cannot_pay_refuses(clouds: Clouds, tmp_path: Path) -> None:
+    where = project(tmp_path, "runpod", gpu_types=["A100", "4090"], budget_usd=0.5)
     result = run(clouds, "up", "--cheapest", "--yes", cwd=where)
     assert result.returncode == 5
     err = result.stderr.splitlines()
     assert err[0] == "lenslab: will launch 1x RTX 4090 (24 GB) on runpod at $0.69/hour"
-    assert err[1].startswith("lenslab: error: lenslab cannot launch runpod boxes yet") and len(err) == 2
+    assert len(err) == 2 and err[1].startswith(
+        "lenslab: error: box.budget_usd $0.50 has $0.50 left, less than one hour"
+    )
+    assert not clouds.runpod.volumes  # refused before anything was created
     # Without --yes and without a terminal to ask on: nothing launched, one line.
     asked = run(clouds, "up", "--cheapest", cwd=where)
     assert asked.returncode == 5 and asked.stderr.count("\n") == 1
@@ -227,6 +230,8 @@ def test_up_cheapest_honours_memory_price_and_gpu_types(clouds: Clouds, tmp_path
     result = run(clouds, "up", "--cheapest", "--yes", cwd=where)
     # The 2-GPU A100 offer is cheaper per GPU but $2.36/h is over the limit: the 1-GPU one wins.
     assert "lenslab: will launch 1x A100 SXM4 (82 GB) on vast in Sweden, SE at $1.25/hour" in result.stderr
+    # Nothing outlives a vast.ai instance: without box.mirror, one line and nothing rented.
+    assert result.returncode == 5 and "vast.ai keeps nothing after an instance is gone" in result.stderr
     (tmp_path / "tight").mkdir()
     tight = project(tmp_path / "tight", "vast", gpu_types=["H100"], max_price_per_hour=1.0)
     none = run(clouds, "up", "--cheapest", "--yes", cwd=tight)
@@ -237,7 +242,8 @@ def test_up_cheapest_honours_memory_price_and_gpu_types(clouds: Clouds, tmp_path
 def test_up_without_cheapest_on_a_container_cloud_refuses_in_one_line(clouds: Clouds, tmp_path: Path) -> None:
     result = run(clouds, "up", "--yes", cwd=project(tmp_path, "vast"))
     assert result.returncode == 5 and result.stderr.count("\n") == 1
-    assert "lenslab cannot launch vast boxes yet" in result.stderr
+    assert "set box.mirror in lenslab.toml" in result.stderr
+    assert not [r for r in clouds.vast.requests if r[0] == "PUT"]
 
 
 def test_up_cheapest_on_a_provider_without_offers_is_one_line(clouds: Clouds, tmp_path: Path) -> None:
@@ -268,7 +274,7 @@ def test_offers_help_lists_the_filters() -> None:
     assert all(flag in result.stdout for flag in ("--gpu", "--min-vram", "--interruptible", "--json"))
 
 
-# -- what is cheap and safe on a container cloud today: down and down --purge ----------------
+# -- down and down --purge on a container cloud ------------------------------------------------
 
 
 def test_down_terminates_every_pod_named_for_the_box_and_keeps_the_volume(clouds: Clouds, tmp_path: Path) -> None:

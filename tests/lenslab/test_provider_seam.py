@@ -115,7 +115,7 @@ def test_every_registered_provider_declares_its_capabilities_one_way() -> None:
             assert cls.capabilities.api_key_file == f"{name}-api-key"
     caps = {name: registry.provider_class(name).capabilities for name in registry.names()}
     assert caps["runpod"].interruptible and caps["vast"].interruptible and not caps["lambda"].interruptible
-    assert caps["runpod"].container_box and not caps["runpod"].launches
+    assert caps["runpod"].container_box and caps["runpod"].launches and caps["vast"].cost
     assert caps["lambda"].persistent_volumes and not caps["vast"].persistent_volumes
     with pytest.raises(AttributeError):
         caps["ssh"].rents_machines = True  # type: ignore[misc]  # frozen: declared, not changed

@@ -31,7 +31,7 @@ from tests.support.http_emulator import DROP, Reply
 from tests.support.vast_emulator import VastEmulator
 
 FAST = RetryPolicy(max_attempts=4, initial_backoff=0.001, max_backoff=0.5)
-SPEC = InstanceSpec(label="lenslab-proj", image="lenslab/box:1", env={"LENSLAB": "1"})
+SPEC = InstanceSpec(label="lenslab-proj", image="lenslab/box:1", env={"LENSLAB": "1", "-p 2222:2222": "1"})
 
 
 class Sleeps:
@@ -74,7 +74,7 @@ def test_on_demand_instance_runs_stops_starts_and_is_destroyed(cloud: VastEmulat
     instance_id = vast.create_instance("5002", SPEC)
     sent = cloud.instances[int(instance_id)]
     assert (sent["label"], sent["image_uuid"], sent["extra_env"], sent["is_bid"]) == (
-        "lenslab-proj", "lenslab/box:1", [["LENSLAB", "1"]], False,
+        "lenslab-proj", "lenslab/box:1", [["LENSLAB", "1"], ["-p 2222:2222", "1"]], False,
     )  # fmt: skip
     row = vast.instance(instance_id)
     assert row is not None and row.normalised().state == RUNNING
@@ -197,8 +197,10 @@ def test_dropped_reply_on_a_read_is_retried(cloud: VastEmulator) -> None:
         (Reply(200, {"offers": [{"id": 1, "gpu_name": "X", "num_gpus": 1.5, "gpu_ram": 1}]}), "offers",
          "body.offers[0].num_gpus: expected a whole number"),
         (Reply(200, {"instances": [{"label": "x"}]}), "instances", "body.instances[0].id: missing"),
-        (Reply(200, {"instances": [{"id": 1, "ssh_port": "22"}]}), "instances",
-         "body.instances[0].ssh_port: expected a number >= 0, got a string"),
+        (Reply(200, {"instances": [{"id": 1, "ports": {"2222/tcp": [{"HostPort": "x"}]}}]}), "instances",
+         "body.instances[0].ports.2222/tcp[0].HostPort: expected a port number"),
+        (Reply(200, {"instances": [{"id": 1, "ports": {"2222/tcp": "41022"}}]}), "instances",
+         "body.instances[0].ports.2222/tcp: expected a list, got a string"),
     ],
 )  # fmt: skip
 def test_bad_reply_shapes_are_one_line(cloud: VastEmulator, reply: Reply, call: str, problem: str) -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 
@@ -27,6 +27,7 @@ class Reply:
 
 
 DROP = Reply(-1)  # close the connection without a reply
+E = TypeVar("E", bound="HttpEmulator")
 
 
 @dataclass
@@ -53,7 +54,7 @@ class HttpEmulator:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def start(self) -> HttpEmulator:
+    def start(self: E) -> E:
         self._thread.start()
         return self
 

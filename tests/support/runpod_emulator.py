@@ -16,14 +16,19 @@ terminated), network volumes that are host directories and outlive pods, and a b
 Faults: a wrong key, no capacity (``stock``), an empty balance, 429 storms, latency and bad
 replies (``HttpEmulator``), pods stuck booting, a lost reply after a create
 (``drop_create_replies``), and ``preempt(pod_id)`` (a spot pod goes EXITED, or away).
-Hooks: ``on_launch(pod) -> (ssh_host, ssh_port) | None`` when a pod starts,
-``on_stop(pod)`` when it stops or is preempted, ``on_terminate(pod)`` when it is removed.
+Instances are real containers when ``runner`` (``InstanceRunner``) is set: a booting pod runs
+its image, ``dockerArgs`` and ``env`` with its network volume's directory (else a directory of
+its own) at /lab and its TCP port (``ports``, e.g. "2222/tcp") published; the pod's runtime
+then shows that public port. Without a runner the hooks decide: ``on_launch(pod) -> (ssh_host,
+ssh_port) | None`` when a pod starts, ``on_stop(pod)`` when it stops or is preempted,
+``on_terminate(pod)`` when it is removed.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import shlex
 import shutil
 import time
 import uuid
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.http_emulator import DROP, HttpEmulator, Reply
+from tests.support.instance_runner import InstanceRunner, Launch
 
 
 @dataclass
@@ -68,6 +74,7 @@ class RunPodEmulator(HttpEmulator):
         self.volume_root = volume_root
         self.gpus = {g.id: g for g in default_gpus()}
         self.pods: dict[str, dict[str, Any]] = {}
+        self.created: list[str] = []  # every pod ever created, in order (a launch made twice shows here)
         self.volumes: dict[str, dict[str, Any]] = {}
         self.data_centers = {"EU-RO-1", "US-GA-1", "US-TX-3"}
         self.balance = 100.0  # $; a launch needs at least an hour of the pod's price
@@ -77,6 +84,7 @@ class RunPodEmulator(HttpEmulator):
         self.on_launch: PodHook | None = None
         self.on_stop: PodHook | None = None
         self.on_terminate: PodHook | None = None
+        self.runner: InstanceRunner | None = None
         self._ports = itertools.count(40022)
 
     @property
@@ -205,13 +213,32 @@ class RunPodEmulator(HttpEmulator):
             "_spec": spec,
         }
         self.pods[pod["id"]] = pod
+        self.created.append(pod["id"])
         self._boot(pod)
         return self._view(pod)
 
     def _boot(self, pod: dict[str, Any]) -> None:
         pod["_started"] = time.monotonic()
+        spec = pod["_spec"]
+        tcp = [p for p in str(spec.get("ports") or "22/tcp").split(",") if p.strip().endswith("/tcp")]
+        pod["_private_port"] = int(tcp[0].strip().split("/")[0]) if tcp else 22
         endpoint = self.on_launch(_public(pod)) if self.on_launch is not None else None
+        if self.runner is not None and not self.stuck_starting:
+            endpoint = self.runner.start(self._launch(pod))
         pod["_ssh"] = endpoint or ("127.0.0.1", next(self._ports))
+
+    def _launch(self, pod: dict[str, Any]) -> Launch:
+        spec = pod["_spec"]
+        volume = self.volumes.get(pod["_volume"] or "")
+        directory = Path(volume["_directory"]) if volume else self.volume_root / "pods" / pod["id"]
+        return Launch(
+            key=pod["id"],
+            image=str(spec.get("imageName") or ""),
+            command=tuple(shlex.split(str(spec.get("dockerArgs") or ""))),
+            env={str(e["key"]): str(e["value"]) for e in spec.get("env") or []},
+            volume=directory,
+            port=pod["_private_port"],
+        )
 
     def _view(self, pod: dict[str, Any]) -> dict[str, Any]:
         """The pod as the API shows it: a runtime (with port 22) once it has booted."""
@@ -220,7 +247,15 @@ class RunPodEmulator(HttpEmulator):
             host, port = pod["_ssh"]
             pod["runtime"] = {
                 "uptimeInSeconds": int(time.monotonic() - pod["_started"]),
-                "ports": [{"ip": host, "isIpPublic": True, "privatePort": 22, "publicPort": port, "type": "tcp"}],
+                "ports": [
+                    {
+                        "ip": host,
+                        "isIpPublic": True,
+                        "privatePort": pod["_private_port"],
+                        "publicPort": port,
+                        "type": "tcp",
+                    }
+                ],
             }
         return _public(pod)
 
@@ -274,6 +309,8 @@ class RunPodEmulator(HttpEmulator):
         if pod["desiredStatus"] == "RUNNING":
             self.gpus[pod["_gpu"]].stock[pod["_center"]] += pod["gpuCount"]
         pod["desiredStatus"], pod["runtime"] = "EXITED", None
+        if self.runner is not None:
+            self.runner.stop(pod["id"])
         if hook is not None:
             hook(_public(pod))
 
@@ -282,6 +319,10 @@ class RunPodEmulator(HttpEmulator):
             self.gpus[pod["_gpu"]].stock[pod["_center"]] += pod["gpuCount"]
         del self.pods[pod["id"]]
         pod["desiredStatus"] = "TERMINATED"
+        if self.runner is not None:
+            self.runner.remove(pod["id"])
+        if not pod["_volume"]:
+            shutil.rmtree(self.volume_root / "pods" / pod["id"], ignore_errors=True)  # a pod volume dies with it
         if self.on_terminate is not None:
             self.on_terminate(_public(pod))
 

@@ -17,19 +17,28 @@ Faults: a wrong key, a taken ask (no capacity), no credit, 429 storms, latency a
 (``HttpEmulator``), instances stuck loading, a lost reply after a create
 (``drop_create_replies``), and ``preempt(id)``: an interruptible instance is outbid (its
 container exits; ``intended_status`` stays running until its owner stops it).
-Hooks: ``on_launch(instance) -> (ssh_host, ssh_port) | None`` when its container starts,
+Port mappings are asked for as vast.py sends them (``env`` keys ``"-p 2222:2222"``); the
+instance then shows ``public_ipaddr`` and ``ports: {"2222/tcp": [{"HostIp", "HostPort"}]}``
+(without one, vast.ai's own sshd: ``22/tcp`` and ``ssh_host``/``ssh_port``). Instances are real
+containers when ``runner`` (``InstanceRunner``) is set: the image with ``args`` as its command
+(runtype "args"), the variables of ``env``, a directory of the instance's own at /lab (deleted
+with it: nothing outlives an instance here) and the mapped port published. Without a runner the
+hooks decide: ``on_launch(instance) -> (ssh_host, ssh_port) | None`` when its container starts,
 ``on_stop(instance)`` when it stops or is outbid, ``on_terminate(instance)`` when destroyed.
 """
 
 from __future__ import annotations
 
 import itertools
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tests.support.http_emulator import DROP, HttpEmulator, Reply
+from tests.support.instance_runner import InstanceRunner, Launch
 
 
 @dataclass
@@ -76,10 +85,13 @@ Hook = Callable[[dict[str, Any]], Any]
 
 
 class VastEmulator(HttpEmulator):
-    def __init__(self, api_key: str = "vast-test-key-0123456789abcdef") -> None:
+    def __init__(self, api_key: str = "vast-test-key-0123456789abcdef", disk_root: Path | None = None) -> None:
         super().__init__(api_key)
+        self.disk_root = disk_root  # where instances' disks (host directories) live, with a runner
+        self.runner: InstanceRunner | None = None
         self.asks = {a.id: a for a in default_asks()}
         self.instances: dict[int, dict[str, Any]] = {}
+        self.created: list[int] = []  # every instance ever created, in order
         self.ssh_keys: list[str] = []
         self.credit = 50.0  # $; a rental needs at least an hour of its price
         self.boot_seconds = 0.0
@@ -100,7 +112,9 @@ class VastEmulator(HttpEmulator):
         with self._lock:
             row = self.instances[int(instance_id)]
             assert row["is_bid"], "only interruptible instances are outbid"
-            row.update(actual_status="exited", cur_state="stopped", status_msg="outbid")
+            row.update(actual_status="exited", cur_state="stopped", status_msg="outbid", ports={})
+            if self.runner is not None:
+                self.runner.stop(str(row["id"]))
             if self.on_stop is not None:
                 self.on_stop(_public(row))
 
@@ -181,8 +195,10 @@ class VastEmulator(HttpEmulator):
             "start_date": time.time(),
             "extra_env": [[k, v] for k, v in (body.get("env") or {}).items()],
             "_ask": ask.id,
+            "_body": body,
         }
         self.instances[row["id"]] = row
+        self.created.append(row["id"])
         self._boot(row)
         if self.drop_create_replies > 0:
             self.drop_create_replies -= 1
@@ -191,21 +207,45 @@ class VastEmulator(HttpEmulator):
 
     def _boot(self, row: dict[str, Any]) -> None:
         row["_started"] = time.monotonic()
+        env = row["_body"].get("env") or {}
+        mapped = [k.split(":")[-1].split("/")[0] for k in env if k.startswith("-p ")]
+        row["_private_port"] = int(mapped[0]) if mapped else 22
         endpoint = self.on_launch(_public(row)) if self.on_launch is not None else None
+        if self.runner is not None and not self.stuck_starting:
+            endpoint = self.runner.start(self._launch(row))
         row["_ssh"] = endpoint or ("127.0.0.1", next(self._ports))
+
+    def _launch(self, row: dict[str, Any]) -> Launch:
+        body = row["_body"]
+        assert self.disk_root is not None, "instances run as containers need a disk_root"
+        args = body.get("args") if body.get("runtype") == "args" else None
+        return Launch(
+            key=str(row["id"]),
+            image=str(body.get("image") or ""),
+            command=tuple(str(a) for a in args or ()),
+            env={str(k): str(v) for k, v in (body.get("env") or {}).items() if not str(k).startswith("-")},
+            volume=self.disk_root / str(row["id"]),
+            port=row["_private_port"],
+        )
 
     def _view(self, row: dict[str, Any]) -> dict[str, Any]:
         booted = time.monotonic() - row["_started"] >= self.boot_seconds
         if row["actual_status"] == "loading" and booted and not self.stuck_starting:
+            host, port = row["_ssh"]
             row["actual_status"] = "running"
-            row["ssh_host"], row["ssh_port"] = row["_ssh"]
+            row["public_ipaddr"] = host
+            row["ports"] = {f"{row['_private_port']}/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}]}
+            if row["_private_port"] == 22:
+                row["ssh_host"], row["ssh_port"] = host, port
         return _public(row)
 
     def _set_state(self, row: dict[str, Any], body: dict[str, Any]) -> Reply:
         state = body.get("state")
         if state == "stopped":
             row.update(intended_status="stopped", actual_status="exited", cur_state="stopped")
-            row.update(ssh_host=None, ssh_port=None)
+            row.update(ssh_host=None, ssh_port=None, ports={})
+            if self.runner is not None:
+                self.runner.stop(str(row["id"]))
             if self.on_stop is not None:
                 self.on_stop(_public(row))
         elif state == "running":
@@ -230,6 +270,10 @@ class VastEmulator(HttpEmulator):
     def _destroy(self, row: dict[str, Any]) -> Reply:
         del self.instances[row["id"]]
         self.asks[row["_ask"]].rented = False
+        if self.runner is not None:
+            self.runner.remove(str(row["id"]))
+        if self.disk_root is not None:
+            shutil.rmtree(self.disk_root / str(row["id"]), ignore_errors=True)  # its disk dies with it
         if self.on_terminate is not None:
             self.on_terminate(_public(row))
         return Reply(200, {"success": True})

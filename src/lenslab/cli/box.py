@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lenslab.cli.common import Progress, add_command, emit, load_config
@@ -12,13 +10,9 @@ from lenslab.cli.common import Progress, add_command, emit, load_config
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from lenslab.config import Config
+    from lenslab.config import BoxConfig, Config
     from lenslab.providers.base import Provider
-    from lenslab.records import Box, OutputSink
-    from lenslab.remote.bootstrap import Runner
-
-# Containers lenslab starts carry this label; `down` stops exactly those.
-BOX_LABEL = "lenslab.box"
+    from lenslab.records import Box
 
 
 def up(args: argparse.Namespace) -> int:
@@ -79,7 +73,7 @@ def _launch(args: argparse.Namespace, cfg: Config, progress: Progress) -> tuple[
 
     with progress.step(f"finding the cheapest {cfg.box.provider} offer"):
         offer = cheapest_match(cfg.box, provider)
-    confirm_offer(provider.name, offer, args.yes)  # outside the spinner, which would hide it
+    confirm_offer(provider.name, offer, args.yes, cfg.box)  # outside the spinner, which would hide it
     # The user agreed to this offer and its price: that is the consent to launch it.
     provider = provider_for(cfg.box, assume_yes=True)
     with progress.step(f"launching {offer.gpu_name} on {cfg.box.provider}"):
@@ -89,32 +83,13 @@ def _launch(args: argparse.Namespace, cfg: Config, progress: Progress) -> tuple[
 def _make_ready(
     args: argparse.Namespace, cfg: Config, provider: Provider, box: Box, progress: Progress
 ) -> dict[str, Any]:
-    """Connect, install the autostop watcher at once (so a box left behind by a failure below
-    still stops itself), bootstrap, then the image and dev container."""
-    from lenslab.remote.bootstrap import bootstrap
-    from lenslab.remote.labsession import bring_up
+    """Connect and make the box's lab ready (see lenslab.remote.labs.make_ready)."""
+    from lenslab.remote import labs
 
     _check_identity(box.identity_file, cfg.path)
-    where = f"{box.user}@{box.host}:{box.port}" if box.host else "this machine"
-    with progress.step(f"connecting to {where}"):
-        runner = provider.connect(box, attempts=args.attempts)
-    try:
-        with progress.step("autostop watcher"):
-            autostop = _install_autostop(provider, cfg, box, runner)
-        with progress.step("bootstrapping (Docker, GPU, persistent root)") as show:
-            summary = bootstrap(runner, box.root, cfg.box.gpu, cfg.box.min_free_gb, on_output=_bootstrap_lines(show))
-        if autostop is not None:
-            summary["autostop"] = autostop
-        if not args.no_containers:
-            if any("to group" in change for change in summary.get("changed", [])):
-                # A new group membership reaches only sessions opened after it was added.
-                runner.close()
-                runner = provider.connect(box, attempts=args.attempts)
-            with progress.step("image and dev container") as show:
-                summary["lab"] = bring_up(cfg, runner, summary.get("root") or box.root, show)
-    finally:
-        runner.close()
-    return summary
+    return labs.make_ready(
+        cfg, provider, box, lambda: provider.connect(box, attempts=args.attempts), progress, args.no_containers
+    )
 
 
 def _warn_always(progress: Progress, text: str) -> None:
@@ -125,26 +100,6 @@ def _warn_always(progress: Progress, text: str) -> None:
         print(f"lenslab: warning: {text}", file=sys.stderr)
     else:
         progress.warn(text)
-
-
-def _install_autostop(provider: Provider, cfg: Config, box: Box, runner: Runner) -> dict[str, Any] | None:
-    """Install or update the box's idle watcher (see lenslab.remote.autostop for which boxes)."""
-    from lenslab.remote import autostop
-
-    inputs = provider.autostop_inputs(cfg.box)
-    settings = autostop.watcher_config(cfg.box, box, provider.capabilities.autostop, inputs.settings)
-    return None if settings is None else autostop.install(runner, settings, inputs.api_key, inputs.key_name)
-
-
-def _bootstrap_lines(show: Callable[[str], None]) -> OutputSink:
-    """Feeds the script's "bootstrap: ..." progress lines to the spinner as they arrive."""
-
-    def sink(stream: str, text: str) -> None:
-        for line in text.splitlines():
-            if stream == "stdout" and line.startswith("bootstrap: "):
-                show(line.removeprefix("bootstrap: "))
-
-    return sink
 
 
 def _check_identity(identity: Path | None, config_path: Path) -> None:
@@ -163,12 +118,18 @@ def _ready_text(box: Box, summary: dict[str, Any]) -> str:
     changed = summary.get("changed") or []
     lines = [
         f"box {box.name} is ready: {summary.get('os')} {summary.get('os_version')}, {gpu_text}, "
-        f"docker {summary.get('docker')}, root {summary.get('root')}",
+        f"{_engine_text(summary)}, root {summary.get('root')}",
         f"changed: {'; '.join(changed) if changed else 'nothing (already ready)'}",
     ]
     if box.host:
         lines += [f"shell:  ssh {box.alias}", "VSCode: lenslab code"]
     return "\n".join(lines)
+
+
+def _engine_text(summary: dict[str, Any]) -> str:
+    if summary.get("docker") == "none":  # a box without an engine: lenslab-box runs the lab
+        return f"no Docker (lenslab-box {summary.get('lenslab_box')})"
+    return f"docker {summary.get('docker')}"
 
 
 def down(args: argparse.Namespace) -> int:
@@ -201,7 +162,7 @@ def down(args: argparse.Namespace) -> int:
         return 0
     # A rented box bills until it is terminated; a machine of the user's own is left running.
     terminates = provider.capabilities.rents_machines
-    stopped, ssh_error = _stop_on_box(provider, box, progress, terminates)
+    stopped, ssh_error = _stop_on_box(cfg.box, provider, box, progress, terminates)
     _terminate(provider, box, progress, terminates)
     removed = sshconfig.remove(box.alias) if box.host else False
     purged = _purge(cfg, args) if args.purge else None
@@ -238,17 +199,20 @@ def _terminate(provider: Provider, box: Box, progress: Progress, terminates: boo
         raise
 
 
-def _stop_on_box(provider: Provider, box: Box, progress: Progress, terminates: bool) -> tuple[list[str], str | None]:
+def _stop_on_box(
+    cfg_box: BoxConfig, provider: Provider, box: Box, progress: Progress, terminates: bool
+) -> tuple[list[str], str | None]:
     """Stop lenslab's containers (training checkpoints on the way out); the containers stopped,
     and why SSH failed if it did. For a box about to be terminated any SSH failure is only a
     warning; for another box only an unreachable one is."""
     from lenslab.errors import HostUnreachable, LenslabError
+    from lenslab.remote import labs
 
     try:
         with progress.step("stopping lenslab containers"):
             runner = provider.connect(box, attempts=1)
             try:
-                return _stop_containers(runner, box.name), None
+                return labs.stop_all(cfg_box, provider, runner, box), None
             finally:
                 runner.close()
     except BaseException as exc:  # for a box that bills, whatever went wrong: terminate it anyway
@@ -289,16 +253,6 @@ def _ask(question: str) -> bool:
     import sys
 
     return sys.stdin.isatty() and input(question).strip().lower() in ("y", "yes")
-
-
-def _stop_containers(runner: Runner, name: str) -> list[str]:
-    label = shlex.quote(f"label={BOX_LABEL}={name}")
-    result = runner.run(
-        f"command -v docker >/dev/null || exit 0; ids=$(docker ps -q --filter {label}); "
-        '[ -z "$ids" ] || docker stop $ids',
-        check=True,
-    )
-    return [line for line in result.stdout.split() if line]
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -171,9 +171,10 @@ def box_query(box: BoxConfig) -> OfferQuery:
 def matches_box(offer: Offer, box: BoxConfig) -> bool:
     """An offer `up --cheapest` may take: available, on demand, one of box.gpu_types (a part of
     the GPU's name, or the offer's exact id), within box.min_vram_gb / regions / max_price_per_hour."""
-    if not offer.available or offer.price_on_demand is None or not box_query(box).accepts(offer):
-        return False
-    if box.max_price_per_hour is not None and offer.price_on_demand > box.max_price_per_hour:
+    from lenslab.watch.pricing import price_for
+
+    # price_for: on demand, or interruptible with box.interruptible (and its fallback).
+    if price_for(box, offer) is None or not box_query(box).accepts(offer):
         return False
     name = offer.gpu_name.lower()
     return any(wanted == offer.offer_id or wanted.lower() in name for wanted in box.gpu_types)
@@ -194,17 +195,23 @@ def cheapest_match(box: BoxConfig, provider: Provider) -> Offer:
             f"no {provider.name} offer matches box.gpu_types {box.gpu_types}{_limits(box)} right now",
             "see `lenslab offers`, then widen box.gpu_types, min_vram_gb, regions or max_price_per_hour",
         )
-    return cheapest_first(candidates)[0]
+    from lenslab.watch.pricing import price_for
+
+    return min(cheapest_first(candidates), key=lambda o: getattr(price_for(box, o), "per_hour", 0.0))
 
 
-def confirm_offer(provider: str, offer: Offer, assume_yes: bool) -> None:
+def confirm_offer(provider: str, offer: Offer, assume_yes: bool, box: BoxConfig | None = None) -> None:
     """Show the offer and ask (``--yes``: show it only); a no is one line, nothing launched."""
     from lenslab.errors import ProviderError
+    from lenslab.watch.pricing import price_for
 
-    price = offer.price_on_demand or 0.0
+    taken = price_for(box, offer) if box is not None else None
+    price = taken.per_hour if taken is not None else (offer.price_on_demand or 0.0)
+    bid = taken is not None and taken.interruptible
+    how = f"interruptible, bidding ${price:.2f}/hour" if bid else f"${price:.2f}/hour"
     what = (
         f"launch {offer.gpu_count}x {one_line(offer.gpu_name)} ({offer.vram_gb:.0f} GB) on {provider}"
-        f"{' in ' + one_line(offer.region) if offer.region else ''} at ${price:.2f}/hour"
+        f"{' in ' + one_line(offer.region) if offer.region else ''} at {how}"
     )
     if assume_yes:
         print(f"lenslab: will {what}", file=sys.stderr)

@@ -19,18 +19,21 @@ def status(args: argparse.Namespace) -> int:
     """
     from lenslab.errors import ProviderError, RemoteError
     from lenslab.providers.base import provider_for
-    from lenslab.remote import autostop
-    from lenslab.remote.bootstrap import status as box_status
+    from lenslab.remote import autostop, labs
+    from lenslab.watch import report
 
     cfg = load_config(args)
     provider = provider_for(cfg.box)
+    recoveries = report.recent(cfg.box.name)  # preemptions and recoveries (`lenslab watch`)
     # get, not launch: asking about a cloud box must never start one.
     box = provider.get(cfg.box)
     if box is None:
-        data: dict[str, Any] = {"box": cfg.box.name, "provider": cfg.box.provider, "running": False}
-        emit(args, data, f"box {cfg.box.name}: not running (`lenslab up` starts it)")
+        data: dict[str, Any] = {"box": cfg.box.name, "provider": cfg.box.provider, "running": False,
+                                "recoveries": recoveries}  # fmt: skip
+        emit(args, data, "\n".join([f"box {cfg.box.name}: not running (`lenslab up` starts it)",
+                                    *report.lines(recoveries)]))  # fmt: skip
         return 0
-    data = {"box": box.name, "provider": box.provider, "alias": box.alias}
+    data = {"box": box.name, "provider": box.provider, "alias": box.alias, "recoveries": recoveries}
     if provider.capabilities.cost:
         data["cost"] = _with_budget(provider.cost(box.name), cfg.box.budget_usd)
     if provider.capabilities.rents_machines:
@@ -40,7 +43,7 @@ def status(args: argparse.Namespace) -> int:
         # One try: status answers "is it up?", it does not wait for a booting box.
         runner = provider.connect(box, attempts=1)
         try:
-            facts = box_status(runner, box.root, box.name)
+            facts = labs.box_facts(cfg.box, provider, runner, box)
             watcher = autostop.read_state(runner)
         finally:
             runner.close()
@@ -87,6 +90,8 @@ def _cost_line(cost: dict[str, Any]) -> str:
 
 
 def _text(d: dict[str, Any]) -> str:
+    from lenslab.watch import report
+
     gpus = d.get("gpus") or []
     gpu_text = ", ".join(_gpu_text(g) for g in gpus)
     used = d.get("root_used_kb")
@@ -104,6 +109,7 @@ def _text(d: dict[str, Any]) -> str:
         ]
         + ([f"  {_cost_line(d['cost'])}"] if d.get("cost") else [])
         + [f"  autostop: {d.get('autostop_text', 'unknown')}"]
+        + report.lines(d.get("recoveries"))
     ) + _instances_text(d, "\n  ")
 
 

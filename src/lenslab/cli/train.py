@@ -23,19 +23,24 @@ def train(args: argparse.Namespace) -> int:
       lenslab train workspace/configs/tiny.toml
       lenslab train run.toml --name sweep-1 && lenslab logs sweep-1 -f
     """
-    from lenslab import runfile
+    from lenslab import runfile, runmirror
     from lenslab.cli.common import one_line
-    from lenslab.remote import training
-    from lenslab.remote.labsession import open_lab
+    from lenslab.contract import MIRROR_ENV_FILE
+    from lenslab.remote.labs import open_lab
+    from lenslab.remote.training import Paths, RunDidNotStart
 
     run = runfile.load(Path(args.run_file), args.name)
     cfg = load_config(args)
-    with open_lab(cfg) as session:
-        container = training.start(session.client, session.runner, session.lab, run)
+    run = runmirror.with_box_mirror(run, cfg.box)  # [box] mirror, unless the run names its own
+    secrets = runmirror.mirror_env(cfg.box)
+    with open_lab(cfg) as lab:
+        if secrets is not None:
+            lab.runner.put(secrets, f"{Paths(lab.lab.root, run.name).config_dir}/{MIRROR_ENV_FILE}", mode=0o600)
+        runs_it = lab.start_run(run)
         try:
-            status = training.wait_started(session.client, session.runner, session.lab, run.name, args.wait)
-        except training.RunDidNotStart as exc:
-            # One line, then what the container said last: usually the reason.
+            status = lab.wait_started(run.name, args.wait)
+        except RunDidNotStart as exc:
+            # One line, then what the run's container (or process) said last: usually the reason.
             print(f"lenslab: error: {one_line(str(exc))}", file=sys.stderr)
             for line in exc.tail:
                 print(f"  | {line}", file=sys.stderr)
@@ -44,12 +49,14 @@ def train(args: argparse.Namespace) -> int:
     how = f"resumed from step {int(resumed)}" if resumed is not None else str(status.get("state"))
     if status.get("state") == "finished":
         how = "it had finished already"
+    mirror = runmirror.run_mirror(run)
     emit(
         args,
-        {"run": run.name, "container": container.name, "box": cfg.box.name, "state": status.get("state"),
-         "resumed_from_step": resumed},
-        f"run {run.name} started on box {cfg.box.name} ({container.name}, {how})\n"
-        f"follow: lenslab logs {run.name} -f    status: lenslab runs    stop: lenslab stop {run.name}",
+        {"run": run.name, "container": runs_it, "box": cfg.box.name, "state": status.get("state"),
+         "resumed_from_step": resumed, "mirror": mirror},
+        f"run {run.name} started on box {cfg.box.name} ({runs_it}, {how})\n"
+        + (f"checkpoints mirrored to {mirror}\n" if mirror else "")
+        + f"follow: lenslab logs {run.name} -f    status: lenslab runs    stop: lenslab stop {run.name}",
     )  # fmt: skip
     return 0
 
@@ -64,11 +71,15 @@ def runs(args: argparse.Namespace) -> int:
       lenslab runs
       lenslab runs --json | jq '.[].state'
     """
-    from lenslab.remote import training
-    from lenslab.remote.labsession import open_lab
+    from lenslab.remote.labs import open_lab
+    from lenslab.watch import report
 
-    with open_lab(load_config(args)) as session:
-        found = training.box_runs(session.runner, session.lab)
+    cfg = load_config(args)
+    with open_lab(cfg) as lab:
+        found = lab.list_runs()
+    if args.cost:
+        return _costs(args, report.cost_rows(cfg.box.name, found))
+    recoveries = report.recent(cfg.box.name)
     now = time.time()
     rows = [_row(status, now) for status in found]
     header = ("RUN", "STATE", "PROGRESS", "TOK/S", "ETA", "CHECKPOINT")
@@ -76,7 +87,21 @@ def runs(args: argparse.Namespace) -> int:
     text = "\n".join(
         "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
     )
-    emit(args, {"runs": found}, text if rows else "no runs on the box yet; start one with `lenslab train RUN.toml`")
+    text = text if rows else "no runs on the box yet; start one with `lenslab train RUN.toml`"
+    emit(args, {"runs": found, "recoveries": recoveries}, "\n".join([text, *report.lines(recoveries, "")]))
+    return 0
+
+
+def _costs(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
+    """`lenslab runs --cost`: each run's cost so far, and the same hours at on-demand prices."""
+    table = [("RUN", "HOURS", "COST", "ON-DEMAND", "SAVED")] + [
+        (str(r["run"]), f"{r['hours']:.2f}", f"${r['cost_usd']:.2f}", f"${r['on_demand_usd']:.2f}",
+         f"{100 * (1 - r['cost_usd'] / r['on_demand_usd']):.0f}%" if r["on_demand_usd"] else "-")
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in table) for i in range(5)]
+    text = "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in table)
+    emit(args, {"costs": rows}, text if rows else "no runs on the box yet")
     return 0
 
 
@@ -129,7 +154,7 @@ def logs(args: argparse.Namespace) -> int:
       lenslab logs tiny -f
     """
     from lenslab.remote.follow import Follower
-    from lenslab.remote.labsession import open_lab
+    from lenslab.remote.labs import open_lab
 
     cfg = load_config(args)
 
@@ -145,15 +170,15 @@ def stop(args: argparse.Namespace) -> int:
     Example:
       lenslab stop tiny
     """
+    from lenslab.contract import EXIT_INTERRUPTED
     from lenslab.errors import LenslabError
-    from lenslab.remote import training
-    from lenslab.remote.labsession import open_lab
+    from lenslab.remote.labs import open_lab
 
-    with open_lab(load_config(args)) as session:
-        code = training.stop(session.client, args.run_name)
+    with open_lab(load_config(args)) as lab:
+        code = lab.stop_run(args.run_name)
     if code is None:
         raise LenslabError(f"run {args.run_name} is not running", "see the runs with `lenslab runs`")
-    saved = code == training.EXIT_INTERRUPTED
+    saved = code == EXIT_INTERRUPTED
     emit(args, {"run": args.run_name, "exit_code": code, "checkpoint_saved": saved},
          f"run {args.run_name} stopped" + (" with a checkpoint; `lenslab train` with the same name continues it"
                                       if saved else f" (exit {code})"))  # fmt: skip
@@ -169,13 +194,13 @@ def pull(args: argparse.Namespace) -> int:
     Example:
       lenslab pull tiny
     """
-    from lenslab.remote.labsession import open_lab
+    from lenslab.remote.labs import open_lab
     from lenslab.remote.pull import pull as pull_run
     from lenslab.remote.training import Paths
 
     dest = Path(args.dest) if args.dest else Path("runs") / args.run_name
-    with open_lab(load_config(args)) as session:
-        local, what = pull_run(session.runner, Paths(session.lab.root, args.run_name).run_dir, dest)
+    with open_lab(load_config(args)) as lab:
+        local, what = pull_run(lab.runner, Paths(lab.lab.root, args.run_name).run_dir, dest)
     emit(
         args,
         {"run": args.run_name, "path": str(local), "source": what},
@@ -185,7 +210,8 @@ def pull(args: argparse.Namespace) -> int:
 
 
 def jupyter(args: argparse.Namespace) -> int:
-    """Tunnel to JupyterLab in the dev container and print its URL (with the token).
+    """Tunnel to JupyterLab on the box (its dev container, or a process on a box without
+    Docker) and print its URL (with the token).
 
     Jupyter listens only on the box's 127.0.0.1; this forwards a local port over the SSH link
     until Ctrl-C. --open also opens the URL in a browser.
@@ -193,16 +219,11 @@ def jupyter(args: argparse.Namespace) -> int:
     Example:
       lenslab jupyter --open
     """
-    from lenslab.errors import LenslabError
-    from lenslab.remote import lab as labs
-    from lenslab.remote.labsession import open_lab
+    from lenslab.remote.labs import open_lab
 
-    with open_lab(load_config(args)) as session:
-        container = labs.find(session.client, session.lab.dev_name())
-        if container is None or container.status != "running":
-            raise LenslabError(f"the dev container {session.lab.dev_name()} is not running", "run `lenslab up`")
-        port, token = labs.jupyter_access(container)
-        forward = getattr(session.runner, "forward", None)
+    with open_lab(load_config(args)) as lab:
+        port, token = lab.jupyter_access()
+        forward = getattr(lab.runner, "forward", None)
         if forward is None:  # the local provider: Jupyter is already on this machine's loopback
             return _serve_url(args, port, token, None)
         with forward(args.port, "127.0.0.1", port) as tunnel:
@@ -232,7 +253,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--name", type=run_name, help="run name (default: the file's `name`)")
     parser.add_argument("--wait", type=float, default=150.0, metavar="SECONDS",
                         help="how long to wait for the trainer to report in (default: 150)")  # fmt: skip
-    add_command(commands, "runs", runs)
+    parser = add_command(commands, "runs", runs)
+    parser.add_argument("--cost", action="store_true", help="cost of each run so far, and the same hours on demand")
     parser = add_command(commands, "logs", logs, json_flag=False)
     parser.add_argument("run_name", metavar="NAME", type=run_name)
     parser.add_argument("-f", "--follow", action="store_true", help="keep following; reconnects by itself")

@@ -206,12 +206,3 @@ def add_note(exc: BaseException, note: str) -> None:
     """Append ``note`` to the one line ``exc`` prints, keeping its class and exit code (the
     CLI prints ``str(exc)``, which is built from ``args``)."""
     exc.args = (f"{exc}; {note}",)
-
-
-def not_built(provider: str) -> ProviderError:
-    """Why `up` cannot launch a container box of ``provider`` yet: one line, no pretending."""
-    return ProviderError(
-        f"lenslab cannot launch {provider} boxes yet: their instances are containers without a "
-        "Docker engine, and lenslab's container-box runner is not built",
-        "`lenslab offers` compares its prices; set another box.provider to run now",
-    )

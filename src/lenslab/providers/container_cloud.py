@@ -1,12 +1,22 @@
 """What the RunPod and vast.ai providers share: clouds whose instances are containers.
 
-Such an instance has no Docker engine inside, so lenslab's usual box (bootstrap, image, dev
-container) does not apply; the runner that sets one up is not built yet. Until it is, ``launch``
-refuses with one line, and everything that is cheap and safe with the API clients works:
-live offers, finding lenslab's instances by name (``lenslab-<box>``), reaching one over SSH, and
-terminating every one of them (``lenslab down``: nothing bills silently).
+Such an instance is itself a container of lenslab's image (``box.image``): no Docker engine
+inside. It starts ``lenslab-box serve`` (sshd as user ``lab`` on port 2222, public-key login with
+the key handed in as ``LENSLAB_PUBLIC_KEY``), its persistent root is mounted at ``/lab``, and the
+provider maps port 2222 to a public port. ``launch`` returns that: user ``lab``, the public IP
+and the mapped port.
 
-Each subclass says how to open its API client and map it onto ``CloudApi``.
+Launching follows the rules that hold for every rented box:
+- consent first: the offer, its $/hour and anything else created are shown, and nothing is
+  created before a yes (``--yes`` gives it); a budget that cannot pay one hour refuses first;
+- one instance per box, named ``lenslab-<box>``: a live one is reused; a create whose reply was
+  lost is looked for by that name before it is sent again, so a lost reply never bills twice;
+- a boot deadline (``boot_timeout_minutes``): an instance that is not running with a public SSH
+  port by then, or that stops or vanishes while starting, is terminated before the error;
+- the ledger (``container_ledger``) is written as soon as a create returns an id.
+
+Each subclass opens its API client (``CloudApi``), plans a launch (``_plan``: where, and what
+else must exist) and creates the instance (``_create``).
 """
 
 from __future__ import annotations
@@ -14,24 +24,60 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from lenslab import files
-from lenslab.errors import ConfigError, ProviderError
-from lenslab.providers.base import OfferQuery, Provider, not_built
-from lenslab.providers.offers import TERMINATED, Instance, Offer, RetryPolicy
+from lenslab.errors import BootFailed, ConfigError, LenslabError, ProviderError
+from lenslab.providers import container_ledger as ledgers
+from lenslab.providers.base import AutostopInputs, OfferQuery, Provider, add_note
+from lenslab.providers.container_box import (
+    BOX_COMMAND,
+    BOX_ROOT,
+    BOX_SSH_PORT,
+    BOX_USER,
+    Confirm,
+    LaunchPlan,
+    LaunchSpec,
+    price_for,
+    prompt_on_terminal,
+    public_key,
+    warn_on_stderr,
+)
+from lenslab.providers.offers import (
+    RUNNING,
+    STARTING,
+    TERMINATED,
+    CloudNoCapacity,
+    CloudOutcomeUnknown,
+    Instance,
+    Offer,
+    RetryPolicy,
+)
+from lenslab.watch import events
 
 if TYPE_CHECKING:
     from lenslab.config import BoxConfig
     from lenslab.records import Box
     from lenslab.remote.bootstrap import Runner
 
-CONTAINER_USER = "root"  # the user sshd admits in both clouds' containers
 # Listing offers is a question, not a task: a provider that does not answer soon is reported
 # as failing while the others show, rather than retried for half a minute.
 OFFERS_POLICY = RetryPolicy(max_attempts=3, initial_backoff=0.25, max_backoff=1.0)
+POLL_SECONDS = 3.0
+WAIT_POLL_SECONDS = 30.0  # fallback = "wait": how often offers are looked at again
+# After a create with no usable reply: how often to look for the instance by name before
+# deciding the create did not happen, and how often to create at most.
+LOOKUP_ATTEMPTS = 3
+LOOKUP_INTERVAL_SECONDS = 2.0
+CREATE_ATTEMPTS = 3
+
+
+class BudgetReached(ProviderError):
+    """box.budget_usd cannot pay one more hour: nothing was launched."""
 
 
 class CloudApi(Protocol):
@@ -43,19 +89,56 @@ class CloudApi(Protocol):
 
     def instances(self) -> list[Instance]: ...
 
+    def instance(self, instance_id: str) -> Instance | None: ...
+
     def remove(self, instance_id: str) -> None: ...
 
 
 class ContainerCloud(Provider):
     # Set by each subclass: the environment variable naming its API's base URL (tests, proxies).
     api_url_env: ClassVar[str]
+    # The box's watcher: the variable the provider sets to the instance's id inside it, the
+    # API's default URL and what the watcher does there when the box is idle or over budget.
+    instance_id_env: ClassVar[str]
+    default_api_url: ClassVar[str]
+    autostop_action: ClassVar[str]
+    default_root: ClassVar[str] = BOX_ROOT
 
-    def __init__(self, api: CloudApi | None = None) -> None:
+    @classmethod
+    def for_cli(cls, *, assume_yes: bool = False) -> ContainerCloud:
+        return cls(confirm=(lambda what: True) if assume_yes else prompt_on_terminal)
+
+    def __init__(
+        self,
+        api: CloudApi | None = None,
+        *,
+        confirm: Confirm = prompt_on_terminal,
+        warn: Callable[[str], None] = warn_on_stderr,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._given = api  # given (tests): used as is and left open
+        self.confirm, self.warn, self.sleep, self.clock = confirm, warn, sleep, clock
         self.seen: list[Instance] = []
+
+    # -- subclass hooks ----------------------------------------------------------------------
 
     def _open(self, key: str, policy: RetryPolicy | None) -> CloudApi:
         raise NotImplementedError
+
+    def _refusal(self, cfg: BoxConfig) -> ProviderError | None:
+        """Why this box cannot be launched at all (before any offer is looked at), or None."""
+        return None
+
+    def _plan(self, api: CloudApi, cfg: BoxConfig, offer: Offer) -> LaunchPlan:
+        return LaunchPlan(offer=offer, where=offer.region)
+
+    def _create(self, api: CloudApi, cfg: BoxConfig, plan: LaunchPlan, spec: LaunchSpec) -> str:
+        """Create the instance (and what it needs, after consent); its id. May raise
+        ``CloudOutcomeUnknown`` when the reply was lost."""
+        raise NotImplementedError
+
+    # -- the API -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _api(self, policy: RetryPolicy | None = None) -> Iterator[CloudApi]:
@@ -80,16 +163,200 @@ class ContainerCloud(Provider):
             found = api.live_offers(query)
         return [o for o in found if query.accepts(o)]
 
+    # -- launching -----------------------------------------------------------------------------
+
     def launch(self, cfg: BoxConfig) -> Box:
-        raise not_built(self.name)
+        """The live instance, or a new one on the first of ``box.gpu_types`` with an available
+        on-demand offer (the cheapest of that type)."""
+        return self._launch(cfg, None)
 
     def launch_offer(self, cfg: BoxConfig, offer: Offer) -> Box:
-        raise not_built(self.name)
+        """The live instance, or a new one from ``offer`` (``lenslab up --cheapest``)."""
+        return self._launch(cfg, offer)
+
+    def _launch(self, cfg: BoxConfig, offer: Offer | None) -> Box:
+        refusal = self._refusal(cfg)
+        if refusal is not None:
+            raise refusal
+        with self._api() as api:
+            self.seen = self._named(api, cfg.alias)
+            live = self._reuse(api, cfg)
+            if live is not None:
+                return self._box(cfg, live)
+            chosen = offer if offer is not None else self._first_offer(api, cfg)
+            instance = self._launch_new(api, cfg, chosen)
+            self.seen = [instance]
+            return self._box(cfg, instance)
+
+    def _first_offer(self, api: CloudApi, cfg: BoxConfig) -> Offer:
+        """The cheapest offer of the first of box.gpu_types that [box] takes at some price;
+        with ``fallback = "wait"`` looked for again until one appears (resume_wait_minutes)."""
+        deadline = self.clock() + cfg.resume_wait_minutes * 60
+        while True:
+            query = OfferQuery(min_vram_gb=cfg.min_vram_gb, interruptible=cfg.interruptible)
+            found = [o for o in api.live_offers(query) if price_for(cfg, o) is not None]
+            for wanted in cfg.gpu_types:
+                matching = [o for o in found if wanted == o.offer_id or wanted.lower() in o.gpu_name.lower()]
+                if matching:
+                    return min(matching, key=lambda o: _hourly(cfg, o))
+            if not (cfg.interruptible and cfg.fallback == "wait") or self.clock() >= deadline:
+                break
+            self.warn(f"no interruptible {self.name} offer within box.max_price_per_hour; waiting (fallback = wait)")
+            self.sleep(WAIT_POLL_SECONDS)
+        kind = "interruptible offer" if cfg.interruptible and cfg.fallback == "wait" else "offer"
+        raise CloudNoCapacity(
+            f"no {self.name} {kind} of box.gpu_types {cfg.gpu_types} is available right now",
+            "see `lenslab offers`, then widen box.gpu_types, min_vram_gb or max_price_per_hour",
+            code="lenslab/no-offer",
+        )
+
+    def _reuse(self, api: CloudApi, cfg: BoxConfig) -> Instance | None:
+        """lenslab's running (or starting) instance, waited for; the others named for the box
+        (stopped, preempted, a second one) are terminated: they bill for nothing."""
+        usable = [i for i in self.seen if i.state in (RUNNING, STARTING)]
+        best = min(usable, key=lambda i: (i.state != RUNNING, not i.ssh_host), default=None)
+        for other in self.seen:
+            if other is not best:
+                self.warn(f"terminating instance {other.name} ({other.id}, {other.state}): lenslab uses one instance")
+                api.remove(other.id)
+        self.seen = [] if best is None else [best]
+        if best is None:
+            return None
+        ledger = ledgers.read(self.name, cfg.name)
+        if ledger.instance_id != best.id:
+            # Found, not launched from here: its price is known, its start is not.
+            ledger = ledgers.Ledger(
+                instance_id=best.id, price_per_hour=best.price_per_hour or 0.0, gpu=best.gpu_name,
+                launched_at=best.created_at, spent_usd=ledger.spent_usd,
+            )  # fmt: skip
+            ledgers.write(self.name, cfg.name, ledger)
+        if best.state == RUNNING and best.ssh_host and best.ssh_port:
+            return best
+        return self._wait(api, cfg, best.id, best.name)
+
+    def _launch_new(self, api: CloudApi, cfg: BoxConfig, offer: Offer) -> Instance:
+        previous = ledgers.read(self.name, cfg.name).instance_id
+        if previous:
+            # No live instance is left (``_reuse``): the previous one was taken back by the
+            # provider or terminated as a leftover. Its hours stay counted against budget_usd.
+            self._closed(cfg.name, previous)
+        price = price_for(cfg, offer)
+        if price is None:
+            kind = "interruptible " if cfg.interruptible and cfg.fallback == "wait" else ""
+            raise ProviderError(
+                f"offer {offer.gpu_name} on {self.name} has no {kind}price within box.max_price_per_hour",
+                "pick another offer (`lenslab offers`), or raise box.max_price_per_hour",
+            )
+        self._check_budget(cfg, price.per_hour)
+        plan = replace(self._plan(api, cfg, offer), bid=price.per_hour if price.interruptible else None)
+        what = self.describe(plan)
+        if not self.confirm(what):
+            raise ProviderError(f"not launched: lenslab would {what}", "re-run with --yes to accept")
+        spec = LaunchSpec(name=cfg.alias, image=cfg.image, command=BOX_COMMAND, env=self._env(cfg))
+        instance_id = self._create_once(api, cfg, plan, spec)
+        spent = ledgers.read(self.name, cfg.name).spent_usd
+        ledger = ledgers.Ledger(
+            instance_id, price.per_hour, offer.gpu_name, plan.where, time.time(), spent,
+            interruptible=price.interruptible, on_demand_price=price.on_demand,
+        )  # fmt: skip
+        ledgers.write(self.name, cfg.name, ledger)
+        events.record(
+            cfg.name, "launched", provider=self.name, instance=instance_id, gpu=offer.gpu_name, region=plan.where,
+            price=price.per_hour, on_demand=price.on_demand, interruptible=price.interruptible,
+        )  # fmt: skip
+        return self._wait(api, cfg, instance_id, cfg.alias)
+
+    def describe(self, plan: LaunchPlan) -> str:
+        offer = plan.offer
+        where = f" in {plan.where}" if plan.where else ""
+        more = f"; and {', '.join(plan.extras)}" if plan.extras else ""
+        how = f"interruptible, bidding ${plan.bid:.2f}/hour" if plan.bid is not None else f"${plan.price:.2f}/hour"
+        gpus = f"{offer.gpu_count}x {offer.gpu_name} ({offer.vram_gb:.0f} GB)"
+        return f"launch {gpus} on {self.name}{where} at {how}{more}"
+
+    def _check_budget(self, cfg: BoxConfig, price: float) -> None:
+        """Refuse, before asking, a launch that box.budget_usd cannot pay one hour of."""
+        if cfg.budget_usd is None:
+            return
+        left = cfg.budget_usd - ledgers.read(self.name, cfg.name).spent_usd
+        if left < price:
+            raise BudgetReached(
+                f"box.budget_usd ${cfg.budget_usd:.2f} has ${max(left, 0):.2f} left, less than one hour at "
+                f"${price:.2f}/hour; nothing was launched",
+                "raise box.budget_usd in lenslab.toml, or choose a cheaper offer (`lenslab offers`)",
+            )
+
+    def _env(self, cfg: BoxConfig) -> dict[str, str]:
+        return {"LENSLAB_PUBLIC_KEY": public_key(cfg), "LENSLAB_ROOT": BOX_ROOT, "LENSLAB_BOX": cfg.name}
+
+    def _create_once(self, api: CloudApi, cfg: BoxConfig, plan: LaunchPlan, spec: LaunchSpec) -> str:
+        """Create and return the id; a create whose reply was lost is looked for by name first
+        and sent again only when no instance of that name appeared."""
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            try:
+                return self._create(api, cfg, plan, spec)
+            except CloudOutcomeUnknown as exc:
+                found = self._look_for(api, spec.name)
+                if found is not None:
+                    return found.id
+                if attempt == CREATE_ATTEMPTS:
+                    add_note(exc, f"no instance named {spec.name} appeared, so none is billing")
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _look_for(self, api: CloudApi, name: str) -> Instance | None:
+        for attempt in range(LOOKUP_ATTEMPTS):
+            if attempt:
+                self.sleep(LOOKUP_INTERVAL_SECONDS)  # an accepted create may take a moment to list
+            found = self._named(api, name)
+            if found:
+                return found[0]
+        return None
+
+    def _wait(self, api: CloudApi, cfg: BoxConfig, instance_id: str, name: str) -> Instance:
+        """Until the instance runs with a public SSH port; terminated at the deadline or when it
+        stops or vanishes while starting. Any other failure says what bills."""
+        timeout = cfg.boot_timeout_minutes * 60
+        deadline = self.clock() + timeout
+        try:
+            while True:
+                instance = api.instance(instance_id)
+                if instance is not None and instance.state == RUNNING and instance.ssh_host and instance.ssh_port:
+                    return instance
+                if instance is None or instance.state not in (RUNNING, STARTING):
+                    reason = "vanished" if instance is None else f"went {instance.provider_status}"
+                elif self.clock() >= deadline:
+                    reason = f"was still starting after {timeout:.0f} s"
+                else:
+                    self.sleep(min(POLL_SECONDS, max(deadline - self.clock(), 0.05)))
+                    continue
+                with contextlib.suppress(LenslabError):
+                    api.remove(instance_id)
+                self._closed(cfg.name, instance_id)
+                raise BootFailed(
+                    f"instance {name} ({instance_id}) {reason}; lenslab terminated it so it does not bill",
+                    "run `lenslab up` again, or choose another offer (`lenslab offers`)",
+                )
+        except BootFailed:
+            raise
+        except BaseException as exc:
+            note = self.still_billing_named(cfg.name, name)
+            if isinstance(exc, LenslabError):
+                add_note(exc, note)
+            else:
+                self.warn(note)
+            raise
+
+    # -- the live box --------------------------------------------------------------------------
+
+    @staticmethod
+    def _named(api: CloudApi, name: str) -> list[Instance]:
+        return [i for i in api.instances() if i.name == name and i.state != TERMINATED]
 
     def get(self, cfg: BoxConfig) -> Box | None:
         """lenslab's running (or starting) instance for the box; None when there is none."""
         with self._api() as api:
-            self.seen = [i for i in api.instances() if i.name == cfg.alias and i.state != TERMINATED]
+            self.seen = self._named(api, cfg.alias)
         if not self.seen:
             return None
         best = next((i for i in self.seen if i.ssh_host), self.seen[0])
@@ -105,10 +372,95 @@ class ContainerCloud(Provider):
 
     def terminate(self, box: Box) -> None:
         """Every instance named for the box, whatever its state: each one may bill."""
+        from lenslab.remote.hostkeys import forget, host_entry
+
         with self._api() as api:
-            for instance in api.instances():
-                if instance.name == box.alias and instance.state != TERMINATED:
-                    api.remove(instance.id)
+            for instance in self._named(api, box.alias):
+                api.remove(instance.id)
+        ledger = ledgers.read(self.name, box.name)
+        if ledger.instance_id:
+            self._closed(box.name, ledger.instance_id)
+        # The next instance at this address and port is another container with another host key.
+        if box.host:
+            forget(files.known_hosts_path(), host_entry(box.host, box.port))
+
+    def _closed(self, box_name: str, instance_id: str) -> None:
+        """The instance is gone: its cost moves into what the box spent, and the log says so."""
+        ledger = ledgers.read(self.name, box_name)
+        ledgers.write(self.name, box_name, ledger.closed())
+        events.record(box_name, "ended", provider=self.name, instance=instance_id, cost_usd=ledger.cost_now())
+
+    # -- interruptible instances (`lenslab watch`) -----------------------------------------------
+
+    def current(self, cfg: BoxConfig) -> Instance | None:
+        """lenslab's instance for the box, in any state but gone: the ledger's, else one named
+        for the box; None when there is none."""
+        ledger = ledgers.read(self.name, cfg.name)
+        with self._api() as api:
+            if ledger.instance_id:
+                found = api.instance(ledger.instance_id)
+                if found is not None and found.state != TERMINATED:
+                    return found
+            named = self._named(api, cfg.alias)
+        return min(named, key=lambda i: i.state != RUNNING, default=None)
+
+    def resume(self, cfg: BoxConfig, instance: Instance) -> None:
+        """Ask the provider to start a stopped or preempted instance again (``stop_resume``)."""
+        raise ProviderError(f"{self.name} instances cannot be resumed", "launch a new one")
+
+    def still_billing(self, box: Box) -> str | None:
+        ledger = ledgers.read(self.name, box.name)
+        return self.still_billing_named(box.name, box.alias) if ledger.instance_id else None
+
+    def still_billing_named(self, box_name: str, name: str) -> str:
+        ledger = ledgers.read(self.name, box_name)
+        return (
+            f"instance {name} ({ledger.gpu or ledger.instance_id}) is still running at "
+            f"${ledger.price_per_hour:.2f}/hour; `lenslab down` terminates it"
+        )
+
+    def autostop_inputs(self, cfg: BoxConfig) -> AutostopInputs:
+        """What the box's watcher needs: the instance, its price and what the box spent before
+        (the budget), and, when the box is to stop itself, the action, the API's URL and the key
+        (stored mode 600 under the persistent root's .lenslab/)."""
+        ledger = ledgers.read(self.name, cfg.name)
+        if not ledger.instance_id:
+            return AutostopInputs()
+        settings: dict[str, Any] = {
+            "instance_id": ledger.instance_id, "instance_id_env": self.instance_id_env,
+            "price_per_hour_usd": ledger.price_per_hour, "spent_before_usd": ledger.spent_usd,
+        }  # fmt: skip
+        if ledger.launched_at is not None:
+            settings.update(launched_at=ledger.launched_at, budget_usd=cfg.budget_usd)
+        key_name = self.capabilities.api_key_file
+        if cfg.autostop != "box":
+            return AutostopInputs(settings, None, key_name)  # no key on the box: the laptop stops it
+        settings.update(action=self.autostop_action, api_url=self.base_url(self.default_api_url))
+        return AutostopInputs(settings, self.api_key(), key_name)
+
+    def cost(self, box_name: str) -> dict[str, Any] | None:
+        """$/hour (the instance record's, else the one agreed at launch), hours since it was
+        created and cost so far; ``spent_before_usd`` is the box's earlier instances."""
+        ledger = ledgers.read(self.name, box_name)
+        current = next((i for i in self.seen if i.id == ledger.instance_id), None)
+        ours = current is not None or bool(ledger.instance_id)  # the ledger's start time applies
+        if current is None and self.seen:
+            current, ours = self.seen[0], False  # found running, not launched from here
+        if current is None and not ledger.instance_id:
+            return None
+        price = current.price_per_hour if current and current.price_per_hour is not None else ledger.price_per_hour
+        created = current.created_at if current and current.created_at is not None else None
+        if created is None and ours:
+            created = ledger.launched_at
+        hours = None if created is None else max(0.0, (time.time() - created) / 3600)
+        return {
+            "price_per_hour_usd": price,
+            "billed_hours": None if hours is None else round(hours, 3),
+            "cost_usd": None if hours is None else round(price * hours, 2),
+            "spent_before_usd": round(ledger.spent_usd, 2),
+            "instance_type": current.gpu_name if current else ledger.gpu,
+            "region": ledger.region,
+        }
 
     def instances_seen(self) -> list[dict[str, object]]:
         return [
@@ -132,7 +484,12 @@ class ContainerCloud(Provider):
             alias=cfg.alias,
             root=cfg.persistent_root,
             host=host,
-            port=instance.ssh_port or 22,
-            user=cfg.user or CONTAINER_USER,
+            port=instance.ssh_port or BOX_SSH_PORT,
+            user=cfg.user or BOX_USER,
             identity_file=Path(cfg.identity_file).expanduser() if cfg.identity_file else files.default_key_path(),
         )
+
+
+def _hourly(cfg: BoxConfig, offer: Offer) -> float:
+    price = price_for(cfg, offer)
+    return float("inf") if price is None else price.per_hour

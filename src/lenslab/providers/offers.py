@@ -89,8 +89,9 @@ class Instance:
     gpu_name: str  # "" where the provider does not say
     gpu_count: int
     price_per_hour: float | None  # what it costs while running, $/h; None where not reported
-    ssh_host: str | None  # where sshd answers, once running
-    ssh_port: int | None
+    ssh_host: str | None  # the public IP where the box's sshd answers, once running
+    ssh_port: int | None  # the public port mapped to the container's sshd port
+    created_at: float | None = None  # epoch seconds, where the provider reports it
 
 
 class CloudError(ProviderError):

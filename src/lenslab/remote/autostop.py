@@ -10,6 +10,11 @@ instance itself (how: the provider's ``autostop_inputs``), so the API key is sto
 readable by root only; ``autostop =
 "laptop"`` keeps the key off the box: the watcher then only checkpoints and records that the box
 is idle, and the next ``lenslab status`` on the laptop terminates it.
+
+A container box (RunPod, vast.ai: no root, no systemd) runs the watcher as a child of
+``lenslab-box serve``, as the box user; ``install_in_container`` writes its settings and the key
+(mode 600) under ``<root>/.lenslab/`` on the persistent volume, where the watcher reads them at
+every check. Its state lives there too (``CONTAINER_STATE``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ from lenslab.records import Box
 from lenslab.remote.bootstrap import Runner, run_script, script
 
 STATE_FILE = "/var/lib/lenslab/autostop.json"
+# On a container box, under the persistent root: the settings (the file lenslab-box serve's
+# watcher reads), its state, and the key when the box stops itself.
+CONTAINER_SETTINGS = ".lenslab/autostop.json"
+CONTAINER_STATE = ".lenslab/autostop-state.json"
+CONTAINER_DIR = ".lenslab"
 GPU_UTIL_THRESHOLD_PCT = 5
 MAX_CHECK_SECONDS = 60.0
 
@@ -69,8 +79,47 @@ def install(
     return result
 
 
+def install_in_container(
+    runner: Runner, root: str, settings: dict[str, Any] | None, api_key: str | None, key_name: str | None
+) -> dict[str, Any]:
+    """Write the watcher's settings (None: no watcher, so its settings go) and the key on a
+    container box, as the box user: the key travels on stdin and is created mode 600
+    (``umask 077``), never world-readable, not even for a moment."""
+    base = root.rstrip("/") or "/"
+    where, settings_file = f"{base}/{CONTAINER_DIR}", f"{base}/{CONTAINER_SETTINGS}"
+    key_file = f"{where}/{key_name}" if key_name else None
+    if settings is None:
+        # Settings first: without them the watcher does nothing, with or without a key; its old
+        # state would tell `lenslab status` of a watcher that no longer watches.
+        gone = " ".join(shlex.quote(f) for f in (settings_file, key_file, f"{base}/{CONTAINER_STATE}") if f)
+        runner.run(f"rm -f {gone}", check=True)
+        return {"autostop": "off"}
+    settings = {
+        **settings,
+        "state_file": f"{base}/{CONTAINER_STATE}",
+        "box_command": ["lenslab-box", "--root", base],
+        "jupyter_token_file": f"{where}/jupyter-token",
+    }
+    if api_key and key_file:
+        _write_private(runner, key_file, api_key.encode())
+        settings["key_file"] = key_file
+    elif key_file:
+        runner.run(f"rm -f {shlex.quote(key_file)}", check=True)  # a key stays only while it is used
+    _write_private(runner, settings_file, json.dumps(settings).encode())
+    return {"autostop": "lenslab-box serve", "action": settings.get("action", "none")}
+
+
+def _write_private(runner: Runner, path: str, data: bytes) -> None:
+    """Replace ``path`` atomically with ``data`` (from stdin), mode 600 from its creation."""
+    quoted, tmp = shlex.quote(path), shlex.quote(f"{path}.tmp")
+    runner.run(f'umask 077 && mkdir -p "$(dirname {quoted})" && cat > {tmp} && mv -f {tmp} {quoted}', stdin=data,
+               check=True)  # fmt: skip
+
+
 def read_state(runner: Runner) -> dict[str, Any] | None:
-    out = runner.run(f"cat {STATE_FILE} 2>/dev/null")
+    """The watcher's state: a VM's, else a container box's (under its persistent root)."""
+    container = f'"${{LENSLAB_ROOT:-/lab}}"/{CONTAINER_STATE}'
+    out = runner.run(f"cat {STATE_FILE} 2>/dev/null || cat {container} 2>/dev/null")
     try:
         state = json.loads(out.stdout)
     except ValueError:

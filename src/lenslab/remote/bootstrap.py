@@ -218,6 +218,13 @@ _GPU_FIELDS: dict[str, tuple[type, ...]] = {"name": (str,), "memory_mib": (int, 
 def status(runner: Runner, root: str, box: str) -> dict[str, Any]:
     """status.sh's facts, checked field by field; unknown fields are dropped, a wrong one refused."""
     raw: dict[str, Any] = run_script(runner, "status.sh", {"LENSLAB_ROOT": root, "LENSLAB_BOX": box})
+    return check_status_facts(raw, "status.sh")
+
+
+def check_status_facts(raw: object, source: str) -> dict[str, Any]:
+    """The facts ``source`` printed, in status.sh's shape, checked; a wrong one is refused."""
+    if not isinstance(raw, dict):
+        raise BootstrapError(f"{source}'s facts are not what lenslab expects: not a JSON object")
     facts, problem = _pick(raw, _STATUS_FIELDS, "")
     gpus: list[dict[str, Any]] = []
     for index, gpu in enumerate(facts.get("gpus", [])):
@@ -228,7 +235,7 @@ def status(runner: Runner, root: str, box: str) -> dict[str, Any]:
         gpus.append(picked)
     if problem:
         raise BootstrapError(
-            f"status.sh's facts are not what lenslab expects: {problem}",
+            f"{source}'s facts are not what lenslab expects: {problem}",
             "check the box's nvidia-smi, login shell, ~/.bashrc and PATH",
         )
     return {**facts, "gpus": gpus}

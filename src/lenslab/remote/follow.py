@@ -1,8 +1,9 @@
-"""Following a training container's log across dropped links and container restarts.
+"""Following a run's log across dropped links and restarts (its container's, or its trainer's).
 
 Each (re)connection asks Docker for the log since the last line printed (``timestamps=True``
 gives every line its time), so nothing is printed twice and nothing is skipped. The stream
-also ends when the container exits; when Docker is restarting it, following goes on.
+also ends when the container exits; when Docker is restarting it, following goes on. On a box
+without Docker, the backend counts the bytes of the run's log printed so far (``offset``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lenslab.remote.training import ACTIVE, Paths, container_name
 
 if TYPE_CHECKING:
     from lenslab.remote.bootstrap import Runner
+    from lenslab.remote.labs import LabBackend
     from lenslab.remote.labsession import LabSession
 
 # How long `logs -f` keeps trying to get the link back before giving up.
@@ -49,7 +51,7 @@ def parse_line(raw: bytes) -> tuple[Stamp | None, bytes]:
 class Follower:
     def __init__(
         self,
-        open_session: Callable[[], AbstractContextManager[LabSession]],
+        open_session: Callable[[], AbstractContextManager[LabBackend]],
         name: str,
         out: BinaryIO | None = None,
         on_reconnect: Callable[[str], None] | None = None,
@@ -59,6 +61,7 @@ class Follower:
         self.out = out or sys.stdout.buffer
         self.on_reconnect = on_reconnect or (lambda text: None)
         self.last: Stamp | None = None
+        self.offset = 0  # bytes of a process box's log printed so far
         self._partial = b""
 
     def run(self, follow: bool) -> int:
@@ -69,7 +72,7 @@ class Follower:
             try:
                 with self.open_session() as session:
                     backoff, lost_since = INITIAL_BACKOFF_SECONDS, None
-                    if not self._stream(session, follow):
+                    if not session.stream_log(self, follow):
                         return 0
             except (ConnectionLost, HostUnreachable) as exc:
                 lost_since = lost_since or time.monotonic()
@@ -79,7 +82,7 @@ class Follower:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
-    def _stream(self, session: LabSession, follow: bool) -> bool:
+    def stream_docker(self, session: LabSession, follow: bool) -> bool:
         """Print what is new; True when following should go on (the container is still active)."""
         name = shlex.quote(container_name(self.name))
         # Asked first: the stream carries the container's stderr, so Docker's own "No such
@@ -90,7 +93,7 @@ class Follower:
         since = f"--since {self.last[0]} " if self.last else ""
         # The box's docker CLI does the log protocol; lenslab only streams its output.
         command = f"docker logs --timestamps {'--follow ' if follow else ''}{since}{name} 2>&1"
-        if _stream_command(session.runner, command, self._feed) != 0:
+        if stream_command(session.runner, command, self._feed) != 0:
             self._print_log_file(session)
             return False
         state = session.runner.run(f"docker inspect -f '{{{{.State.Status}}}}' {name}").stdout.strip()
@@ -121,7 +124,7 @@ class Follower:
         self.out.flush()
 
 
-def _stream_command(runner: Runner, command: str, sink: Callable[[bytes], None]) -> int:
+def stream_command(runner: Runner, command: str, sink: Callable[[bytes], None]) -> int:
     """Run ``command`` on the box, handing its output to ``sink`` as it arrives; its exit status.
 
     A link that dies mid-stream raises ``ConnectionLost`` (a closed channel with no exit status),

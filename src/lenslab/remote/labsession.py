@@ -1,8 +1,8 @@
-"""What the container commands share: reaching the box's engine and bringing its lab up.
+"""The lab on a box with a Docker engine: reaching the engine and bringing its lab up.
 
-``bring_up`` is the container half of ``lenslab up`` (image, dev container); ``open_lab`` is
-how ``train``, ``runs``, ``logs``, ``stop``, ``pull`` and ``jupyter`` get a link, an engine
-client and the box's facts in one go.
+``bring_up`` is the container half of ``lenslab up`` (image, dev container); ``LabSession`` is
+the Docker backend ``lenslab.remote.labs.open_lab`` hands to ``train``, ``runs``, ``logs``,
+``stop``, ``pull`` and ``jupyter``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,51 @@ if TYPE_CHECKING:
 
     from lenslab.config import Config
     from lenslab.remote.bootstrap import Runner
+    from lenslab.remote.follow import Follower
     from lenslab.remote.lab import Lab
+    from lenslab.runfile import RunFile
 
 
 @dataclass
 class LabSession:
+    """The lab backend of a box with a Docker engine (see ``lenslab.remote.labs.LabBackend``):
+    training containers with a restart policy, Jupyter in the dev container."""
+
     runner: Runner
     client: docker.DockerClient
     lab: Lab
+
+    def start_run(self, run: RunFile) -> str:
+        from lenslab.remote import training
+
+        return str(training.start(self.client, self.runner, self.lab, run).name)
+
+    def wait_started(self, name: str, timeout: float) -> dict[str, Any]:
+        from lenslab.remote import training
+
+        return training.wait_started(self.client, self.runner, self.lab, name, timeout)
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        from lenslab.remote import training
+
+        return training.box_runs(self.runner, self.lab)
+
+    def stream_log(self, follower: Follower, follow: bool) -> bool:
+        return follower.stream_docker(self, follow)
+
+    def stop_run(self, name: str) -> int | None:
+        from lenslab.remote import training
+
+        return training.stop(self.client, name)
+
+    def jupyter_access(self) -> tuple[int, str]:
+        from lenslab.errors import LenslabError
+        from lenslab.remote import lab as labs
+
+        container = labs.find(self.client, self.lab.dev_name())
+        if container is None or container.status != "running":
+            raise LenslabError(f"the dev container {self.lab.dev_name()} is not running", "run `lenslab up`")
+        return labs.jupyter_access(container)
 
 
 def build_context(cfg: Config) -> Path | None:
@@ -73,27 +110,29 @@ def bring_up(cfg: Config, runner: Runner, root: str, show: Callable[[str], None]
 
 
 @contextmanager
-def open_lab(cfg: Config, attempts: int = 3) -> Iterator[LabSession]:
-    from lenslab import sshconfig
-    from lenslab.errors import ProviderError
-    from lenslab.providers.base import provider_for
-    from lenslab.remote import lab as labs
+def docker_lab(runner: Runner, lab: Lab) -> Iterator[LabSession]:
+    """The Docker backend on an open link: the box's engine, closed afterwards."""
     from lenslab.remote.engine import open_engine
 
-    provider = provider_for(cfg.box)
-    # get, not launch: only `up` creates boxes.
-    box = provider.get(cfg.box)
-    if box is None:
-        raise ProviderError(f"box {cfg.box.name} is not running", "start it with `lenslab up`")
-    runner = provider.connect(box, attempts=attempts)
+    client = open_engine(runner)
     try:
-        # `up` recorded the resolved root; asking the box again costs one round trip.
-        recorded = sshconfig.recorded_root(box.alias) if box.host else None
-        resolved, gpus = labs.probe(runner, recorded or box.root)
-        client = open_engine(runner)
-        try:
-            yield LabSession(runner, client, labs.Lab(cfg.box.name, resolved, cfg.box.image, gpus))
-        finally:
-            client.close()
+        yield LabSession(runner, client, lab)
     finally:
-        runner.close()
+        client.close()
+
+
+@contextmanager
+def open_lab(cfg: Config, attempts: int = 3) -> Iterator[LabSession]:
+    """The Docker backend of the box ``cfg`` names, for commands that need its engine itself
+    (``lenslab eval`` runs in the dev container); the lab commands use ``labs.open_lab``."""
+    from lenslab.remote.labs import open_lab as open_any
+
+    with open_any(cfg, attempts) as lab:
+        if not isinstance(lab, LabSession):
+            from lenslab.errors import LenslabError
+
+            raise LenslabError(
+                f"box {cfg.box.name} has no Docker engine, and this command runs in its dev container",
+                "run it on the box itself, e.g. `lenslab ssh -- lenslab-eval runs/NAME`",
+            )
+        yield lab

@@ -40,7 +40,9 @@ if TYPE_CHECKING:
     from lenslab.remote.bootstrap import Runner
     from lenslab.runfile import RunFile
 
-__all__ = ["ACTIVE", "EXIT_INTERRUPTED", "Paths", "container_name", "start", "statuses", "stop", "wait_started"]
+__all__ = [
+    "ACTIVE", "EXIT_INTERRUPTED", "Paths", "container_name", "start", "statuses", "stop", "upload", "wait_started",
+]  # fmt: skip
 
 # A crash loop (bad data, OOM every time) stops after this many restarts instead of spinning.
 MAX_RESTARTS = 5
@@ -101,8 +103,7 @@ def start(client: docker.DockerClient, runner: Runner, lab: Lab, run: RunFile) -
         with engine_errors():
             existing.remove(force=True)
     paths = Paths(lab.root, run.name)
-    for rel, data in run.uploads().items():
-        _put(runner, data, f"{paths.config_dir}/{rel}")
+    upload(runner, run, paths)
     command = [
         "lenslab-train",
         f"{MOUNT_POINT}/runs-config/{run.name}/{run.path.name}",
@@ -128,6 +129,12 @@ def start(client: docker.DockerClient, runner: Runner, lab: Lab, run: RunFile) -
         )
         api.start(created["Id"])
         return client.containers.get(created["Id"])
+
+
+def upload(runner: Runner, run: RunFile, paths: Paths) -> None:
+    """The run file (and a local dataset) into the run's config directory on the box."""
+    for rel, data in run.uploads().items():
+        _put(runner, data, f"{paths.config_dir}/{rel}")
 
 
 def _image(client: docker.DockerClient, lab: Lab) -> str:

@@ -26,14 +26,15 @@ def apply(run_file: Path) -> list[str]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise RunConfigError(f"{path}: cannot read the mirror's credentials ({exc.strerror}); upload them again") from exc
+        raise RunConfigError(
+            f"{path}: cannot read the mirror's credentials ({exc.strerror}); upload them again"
+        ) from exc
     try:
         data = json.loads(raw) if len(raw) <= MAX_BYTES else None
     except ValueError:
         data = None
     valid = isinstance(data, dict) and all(
-        isinstance(k, str) and ENV_NAME.fullmatch(k) and isinstance(v, str) and "\x00" not in v
-        for k, v in data.items()
+        isinstance(k, str) and ENV_NAME.fullmatch(k) and isinstance(v, str) and "\x00" not in v for k, v in data.items()
     )
     if not valid or not isinstance(data, dict):
         # Neither the contents nor a value is quoted: they may be secrets.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lenslab.providers.container_box import BOX_SSH_PORT
 from lenslab.providers.offers import (
     PREEMPTED,
     RUNNING,
@@ -66,10 +67,10 @@ class PodSpec:
     cloud_type: str = "ALL"  # SECURE | COMMUNITY | ALL
     data_center_id: str | None = None  # required with a network volume: the volume's data center
     network_volume_id: str | None = None  # mounted at volume_mount_path; outlives the pod
-    volume_mount_path: str = "/workspace"
+    volume_mount_path: str = "/lab"  # the container-box contract's persistent root
     container_disk_in_gb: int = 20  # scratch, lost on stop
     volume_in_gb: int = 0  # pod volume (lost on terminate); 0 when a network volume is used
-    ports: str = "22/tcp"  # sshd is reached through a public TCP port mapped to 22
+    ports: str = "2222/tcp"  # the box's sshd, reached through a public TCP port mapped to it
     env: dict[str, str] = field(default_factory=dict)
     docker_args: str = ""  # the container's command line; "" keeps the image's own
 
@@ -133,7 +134,7 @@ class Pod:
     gpu_count: int
     gpu_name: str  # machine.gpuDisplayName
     started: bool  # runtime reported: the container is up
-    ssh_host: str | None  # the public IP mapped to the container's port 22
+    ssh_host: str | None  # the public IP mapped to the container's sshd port
     ssh_port: int | None
 
     def instance(self) -> Instance:
@@ -193,7 +194,8 @@ def gpu_type(shape: Shape, entry: Any, where: str) -> GpuType:
     )
 
 
-def pod(shape: Shape, entry: Any, where: str) -> Pod:
+def pod(shape: Shape, entry: Any, where: str, ssh_port: int = BOX_SSH_PORT) -> Pod:
+    """A pod; its SSH address is the public one mapped to the container's ``ssh_port``."""
     item = shape.obj(entry, where)
     runtime = item.get("runtime")
     host, port = None, None
@@ -203,7 +205,7 @@ def pod(shape: Shape, entry: Any, where: str) -> Pod:
             at = f"{where}.runtime.ports[{index}]"
             entry_ = shape.obj(raw, at)
             public = shape.flag(entry_, "isIpPublic", at, optional=True)
-            if shape.whole(entry_, "privatePort", at, optional=True) == 22 and public:
+            if shape.whole(entry_, "privatePort", at, optional=True) == ssh_port and public:
                 host = shape.text(entry_, "ip", at)
                 port = shape.whole(entry_, "publicPort", at)
     machine, gpu_name = item.get("machine"), None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lenslab.providers.container_box import BOX_SSH_PORT
 from lenslab.providers.offers import (
     PREEMPTED,
     RUNNING,
@@ -25,17 +26,22 @@ STARTING_STATUSES = frozenset({"", "created", "loading", "scheduling", "starting
 
 @dataclass(frozen=True)
 class InstanceSpec:
-    """What an instance is made from (the body of ``PUT /asks/{id}/`` lenslab sets)."""
+    """What an instance is made from (the body of ``PUT /asks/{id}/`` lenslab sets).
+
+    ``env`` is vast.py's ``parse_env`` result: variables, plus a key ``"-p 2222:2222"`` (value
+    "1") for each port to map. With ``args`` the runtype is "args": vast.ai runs the image with
+    these arguments as its command, and adds no sshd of its own."""
 
     label: str  # lenslab's name for it: how a create whose reply was lost is found again
     image: str  # the container image; the instance *is* this container
     disk_gb: float = 32.0  # the instance's disk: kept while stopped, lost when destroyed
-    onstart: str = ""  # a shell script run when the container starts
+    onstart: str = ""  # a shell script run when the container starts (runtype ssh)
     env: dict[str, str] = field(default_factory=dict)
     runtype: str = "ssh_direc ssh_proxy"  # vast.py --ssh --direct: sshd reachable directly and by proxy
+    args: tuple[str, ...] = ()  # the container's command (runtype "args")
 
     def payload(self, bid_price: float | None) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "client_id": "me",
             "image": self.image,
             "env": dict(self.env),
@@ -43,8 +49,11 @@ class InstanceSpec:
             "disk": self.disk_gb,
             "label": self.label,
             "onstart": self.onstart,
-            "runtype": self.runtype,
+            "runtype": "args" if self.args else self.runtype,
         }
+        if self.args:
+            body["args"] = list(self.args)
+        return body
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,9 @@ class VastInstance:
     dph_total: float | None  # $/h while running
     gpu_name: str
     num_gpus: int
-    ssh_host: str | None  # vast.ai's ssh endpoint for it, once running
-    ssh_port: int | None
+    ssh_host: str | None  # public_ipaddr, once the box's sshd port is mapped
+    ssh_port: int | None  # the public port mapped to the box's sshd port (``ports``)
+    start_date: float | None = None  # epoch seconds: when it was created
 
     def normalised(self) -> Instance:
         return Instance(
@@ -103,6 +113,7 @@ class VastInstance:
             price_per_hour=self.dph_total,
             ssh_host=self.ssh_host,
             ssh_port=self.ssh_port,
+            created_at=self.start_date,
         )
 
 
@@ -138,8 +149,22 @@ def offer(shape: Shape, entry: Any, where: str) -> VastOffer:
     )
 
 
-def instance(shape: Shape, entry: Any, where: str) -> VastInstance:
+def instance(shape: Shape, entry: Any, where: str, ssh_port: int = BOX_SSH_PORT) -> VastInstance:
+    """An instance; its SSH address is ``public_ipaddr`` and the host port Docker mapped to the
+    container's ``ssh_port`` (``ports: {"2222/tcp": [{"HostIp", "HostPort"}]}``)."""
     item = shape.obj(entry, where)
+    host, port = None, None
+    ports = item.get("ports")
+    if ports is not None:
+        mapped = shape.obj(ports, f"{where}.ports").get(f"{ssh_port}/tcp")
+        at = f"{where}.ports.{ssh_port}/tcp"
+        bindings = [] if mapped is None else shape.items(mapped, at)
+        if bindings:
+            raw = shape.text(shape.obj(bindings[0], f"{at}[0]"), "HostPort", f"{at}[0]") or ""
+            if not raw.isdigit() or not 0 < int(raw) < 65536:
+                raise shape.fail(f"{at}[0].HostPort", "expected a port number")
+            address = shape.text(item, "public_ipaddr", where, optional=True)
+            host, port = (address.strip() or None) if address else None, int(raw)  # vast.ai has sent "ip\n"
     return VastInstance(
         id=shape.text(item, "id", where) or "",
         label=shape.text(item, "label", where, optional=True) or "",
@@ -150,6 +175,7 @@ def instance(shape: Shape, entry: Any, where: str) -> VastInstance:
         dph_total=shape.number(item, "dph_total", where, optional=True),
         gpu_name=shape.text(item, "gpu_name", where, optional=True) or "",
         num_gpus=shape.whole(item, "num_gpus", where, optional=True) or 0,
-        ssh_host=shape.text(item, "ssh_host", where, optional=True),
-        ssh_port=shape.whole(item, "ssh_port", where, optional=True),
+        ssh_host=host if port is not None else None,
+        ssh_port=port if host is not None else None,
+        start_date=shape.number(item, "start_date", where, optional=True),
     )

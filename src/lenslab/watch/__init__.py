@@ -1,0 +1,1 @@
+"""``lenslab watch``: keeps a box's runs going through preemptions (see ``watcher``)."""

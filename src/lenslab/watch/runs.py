@@ -1,0 +1,147 @@
+"""The runs a watcher keeps going: seen on the box, and restarted the way `lenslab train` does.
+
+``RunControl`` is what the watcher needs from a box's lab; ``LabRuns`` is the real one, through
+``remote.labs.open_lab`` (the same lab backend `lenslab train`, `runs` and `stop` use). A restart
+is `lenslab train` again with the same run file and name: the run resumes from its newest
+checkpoint on the persistent root (or the mirror), exactly.
+
+Runs found unfinished on the box are added to the watcher's record, with a copy of the run
+file `lenslab train` uploaded (``runs-config/<name>/`` on the persistent root), so a watcher
+that was told about no run still restarts every run it found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from lenslab.errors import LenslabError
+from lenslab.watch.state import WatchedRun, WatchState, directory
+
+if TYPE_CHECKING:
+    from lenslab.config import Config
+    from lenslab.remote.labs import LabBackend
+
+# Run states after which a run needs nothing more (status.json's words).
+DONE_STATES = frozenset({"finished", "failed"})
+START_WAIT_SECONDS = 300.0
+
+
+class RunControl(Protocol):
+    def observe(self, state: WatchState) -> bool:
+        """Update the runs' steps and whether they finished, adding runs found unfinished on the
+        box; False when the box could not be asked."""
+
+    def prepare(self) -> None:
+        """Make a new (or resumed) instance ready as `lenslab up` does (the box's own autostop
+        watcher included), before its runs restart."""
+
+    def restart(self, state: WatchState) -> dict[str, int | None]:
+        """Start the unfinished runs again; the step each resumed from."""
+
+    def stop(self, state: WatchState) -> list[str]:
+        """Stop the live runs gracefully (each writes a checkpoint); their names."""
+
+
+class LabRuns:
+    """``RunControl`` through the lab backend of ``lenslab train``."""
+
+    def __init__(self, cfg: Config, attempts: int = 1) -> None:
+        self.cfg, self.attempts = cfg, attempts
+
+    def _lab(self) -> contextlib.AbstractContextManager[LabBackend]:
+        from lenslab.remote.labs import open_lab
+
+        return open_lab(self.cfg, attempts=self.attempts)
+
+    def prepare(self) -> None:
+        from lenslab.errors import ProviderError
+        from lenslab.providers.base import provider_for
+        from lenslab.remote import labs
+
+        provider = provider_for(self.cfg.box)
+        box = provider.get(self.cfg.box)
+        if box is None:
+            raise ProviderError(f"box {self.cfg.box.name} is not running", "the watcher launches it again")
+        labs.make_ready(self.cfg, provider, box, lambda: provider.connect(box), _Quiet(), False)
+
+    def observe(self, state: WatchState) -> bool:
+        try:
+            with self._lab() as lab:
+                for status in lab.list_runs():
+                    self._seen(state, lab, status)
+        except LenslabError:
+            return False
+        return True
+
+    def _seen(self, state: WatchState, lab: LabBackend, status: dict[str, object]) -> None:
+        name, run_state = str(status.get("name") or ""), str(status.get("state") or "")
+        if not name:
+            return
+        known = state.run(name)
+        if known is None:
+            if run_state in DONE_STATES:
+                return
+            known = WatchedRun(name=name, run_file=_copy_run_file(lab, state.box, name))
+            state.runs.append(known)
+        step = status.get("step")
+        if isinstance(step, int):
+            known.step = step
+        known.finished = run_state in DONE_STATES
+
+    def restart(self, state: WatchState) -> dict[str, int | None]:
+        from lenslab import runfile
+        from lenslab.remote.training import RunAlreadyRunning
+
+        resumed: dict[str, int | None] = {}
+        with self._lab() as lab:
+            for run in state.unfinished():
+                if not run.run_file:
+                    continue  # found on the box without a run file: nothing to start it from
+                # Already running: the box's supervisor restarted it (a resumed instance), or an
+                # earlier watcher did before it was killed.
+                with contextlib.suppress(RunAlreadyRunning):
+                    lab.start_run(runfile.load(Path(run.run_file), run.name))
+                status = lab.wait_started(run.name, START_WAIT_SECONDS)
+                step = status.get("resumed_from_step")
+                resumed[run.name] = step if isinstance(step, int) else None
+        return resumed
+
+    def stop(self, state: WatchState) -> list[str]:
+        stopped = []
+        with self._lab() as lab:
+            for run in state.unfinished():
+                if lab.stop_run(run.name) is not None:
+                    stopped.append(run.name)
+        return stopped
+
+
+class _Quiet:
+    """`lenslab up`'s progress display, silent: the watcher logs its own lines."""
+
+    @contextlib.contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        yield
+
+
+def _copy_run_file(lab: LabBackend, box: str, name: str) -> str:
+    """A local copy of what `lenslab train` uploaded for ``name`` (the run file and what it
+    names beside it, such as a local dataset); its run file, or "" when there is none."""
+    remote = f"{lab.lab.root}/runs-config/{name}"
+    listed = lab.runner.run(f"cd {shlex.quote(remote)} && find . -type f")
+    found = [line.removeprefix("./") for line in listed.stdout.splitlines() if line.startswith("./")]
+    tomls = sorted(f for f in found if f.endswith(".toml") and "/" not in f)
+    if listed.exit_status != 0 or not tomls:
+        return ""
+    local = directory() / box / "runs-config" / name
+    for entry in found:
+        if ".." in entry.split("/"):
+            continue  # a path that would leave the copy: never written
+        target = local / entry
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(LenslabError, OSError):
+            lab.runner.get(f"{remote}/{entry}", target)
+    return str(local / tomls[0])

@@ -1,0 +1,288 @@
+"""The watcher: keeps a box's runs going through preemptions, with no one at the keyboard.
+
+Every ``poll_seconds`` (15 s) it asks the provider for the box's instance and knocks on its
+SSH port. The instance is *lost* when the provider says it stopped, was preempted (a spot pod
+exited, a bid instance was outbid), was terminated or is gone, or when its SSH port has not
+answered for ``unreachable_seconds`` (45 s): a preemption is noticed within a minute.
+
+Then it recovers: where the provider keeps the instance (``capabilities.stop_resume``) it asks
+for it back (RunPod ``podBidResume``/``podResume``, vast.ai ``start``/a new bid) and waits for
+it up to ``box.resume_wait_minutes``; otherwise, or after that, it terminates it (its cost goes
+into the box's ledger) and launches the cheapest matching offer again (``interruptible``,
+``max_price_per_hour``, ``fallback`` as `lenslab up`; no capacity: it tries again next poll).
+RunPod's network volume is mounted by the new pod; on vast.ai the runs come back from the
+mirror. Then it restarts the same runs the way `lenslab train` does, and they resume exactly.
+
+Money: before every launch what the box spent (ledger: earlier instances and this one so far)
+must leave ``budget_usd`` one hour of the price, else nothing is launched; while watching, a
+budget reached stops the runs gracefully (a checkpoint each) and terminates the instance.
+
+Each step is written to the state file before it is taken (``state``); launches are found
+again by the instance's name, so a watcher killed anywhere and started again launches nothing
+twice. Every preemption and recovery is appended to the box's event log (``events``).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from lenslab.errors import LenslabError
+from lenslab.providers import container_ledger as ledgers
+from lenslab.providers.container_cloud import BudgetReached
+from lenslab.providers.offers import PREEMPTED, RUNNING, STARTING, STOPPED, CloudNoCapacity, Instance
+from lenslab.watch import events
+from lenslab.watch import state as states
+from lenslab.watch.state import BUDGET, FINISHED, RECOVERING, WATCHING
+
+if TYPE_CHECKING:
+    from lenslab.config import Config
+    from lenslab.providers.container_cloud import ContainerCloud
+    from lenslab.watch.runs import RunControl
+
+POLL_SECONDS = 15.0
+UNREACHABLE_SECONDS = 45.0
+RECOVERY_POLL_SECONDS = 3.0
+RESUME_RETRY_SECONDS = 30.0  # how often a resume the provider refused (no free GPU) is asked again
+OBSERVE_EVERY = 4  # polls between looks at the runs (each opens an SSH connection)
+_NOT_ASKED = object()  # the provider did not answer: nothing is decided this poll
+
+
+def ssh_answers(host: str | None, port: int | None, timeout: float = 5.0) -> bool:
+    """Whether an SSH server greets on host:port (no login: cheap, and needs no key)."""
+    if not host or not port:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            return sock.recv(16).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+class Watcher:
+    def __init__(
+        self,
+        cfg: Config,
+        provider: ContainerCloud,
+        runs: RunControl,
+        *,
+        say: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        reachable: Callable[[str | None, int | None], bool] = ssh_answers,
+        poll_seconds: float = POLL_SECONDS,
+        unreachable_seconds: float = UNREACHABLE_SECONDS,
+    ) -> None:
+        self.cfg, self.box, self.provider, self.runs = cfg, cfg.box, provider, runs
+        self.say, self.clock, self.sleep, self.reachable = say, clock, sleep, reachable
+        self.poll_seconds, self.unreachable_seconds = poll_seconds, unreachable_seconds
+        self.state = states.load(self.box.name, provider.name)
+        self._polls = 0
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self, max_polls: int | None = None) -> str:
+        """Poll until every run finished or the budget is reached; the final phase."""
+        while max_polls is None or self._polls < max_polls:
+            phase = self.tick()
+            if phase in (FINISHED, BUDGET):
+                return phase
+            self.sleep(self.pause())
+        return self.state.phase
+
+    def pause(self) -> float:
+        """Seconds to the next poll: shorter while recovering (a resumed instance is back soon)."""
+        return self.poll_seconds if self.state.phase == WATCHING else min(self.poll_seconds, RECOVERY_POLL_SECONDS)
+
+    def tick(self) -> str:
+        self._polls += 1
+        st = self.state
+        if st.phase in (FINISHED, BUDGET):
+            return st.phase
+        found = self._current()
+        if found is _NOT_ASKED:
+            return st.phase
+        instance = found if isinstance(found, Instance) else None
+        if st.phase == WATCHING:
+            lost = self._lost(instance)
+            if lost is None:
+                if instance is not None and instance.state == RUNNING:
+                    self._healthy(instance)
+                return st.phase
+            self._preempted(instance, lost)
+        self._recover(instance)
+        return st.phase
+
+    def _current(self) -> object:
+        try:
+            return self.provider.current(self.box)
+        except LenslabError as exc:
+            self.say(f"{self.provider.name} did not answer ({exc}); asking again in {self.poll_seconds:.0f} s")
+            return _NOT_ASKED
+
+    def _save(self) -> None:
+        states.save(self.state)
+
+    def _cost(self) -> float:
+        return ledgers.read(self.provider.name, self.box.name).cost_now()
+
+    def _record(self, kind: str, **fields: object) -> None:
+        event = events.record(self.box.name, kind, provider=self.provider.name, cost_usd=self._cost(), **fields)
+        self.say(events.describe(event))
+
+    # -- watching --------------------------------------------------------------------------------
+
+    def _lost(self, instance: Instance | None) -> str | None:
+        """Why the instance is lost, or None while it is (or may still be) fine."""
+        st, now = self.state, self.clock()
+        if instance is None:
+            return "terminated" if st.instance or st.last_reachable is not None else None
+        if instance.state in (PREEMPTED, STOPPED):
+            return f"{instance.state} ({instance.provider_status})"
+        if st.instance and instance.id != st.instance and instance.state == RUNNING:
+            st.instance = instance.id  # replaced outside the watcher (`lenslab up`): watch that one
+        if instance.state == RUNNING and self.reachable(instance.ssh_host, instance.ssh_port):
+            st.last_reachable, st.instance = now, instance.id
+            return None
+        if st.last_reachable is None:
+            st.last_reachable = now  # first sight: it gets the full grace to answer
+        if now - st.last_reachable >= self.unreachable_seconds:
+            return f"unreachable for {now - st.last_reachable:.0f} s ({instance.provider_status})"
+        return None
+
+    def _healthy(self, instance: Instance) -> None:
+        st = self.state
+        if st.restart_pending:
+            self._restart()
+        elif self._polls % OBSERVE_EVERY == 1 and self._observe():
+            self._check_finished()
+        if self.box.budget_usd is not None and self._cost() >= self.box.budget_usd:
+            self._budget_stop(instance, reachable=True)
+            return
+        self._save()
+
+    def _observe(self) -> bool:
+        try:
+            return self.runs.observe(self.state)
+        except Exception as exc:  # a watcher outlives what one look at the runs ran into
+            self.say(f"could not look at the runs ({type(exc).__name__}: {exc}); looking again later")
+            return False
+
+    def _check_finished(self) -> None:
+        st = self.state
+        if st.runs and not st.unfinished():
+            st.phase = FINISHED
+            self._save()
+            self._record("finished", instance=st.instance, reason="every watched run finished")
+
+    # -- recovering ------------------------------------------------------------------------------
+
+    def _preempted(self, instance: Instance | None, how: str) -> None:
+        st = self.state
+        st.phase, st.preempted_at, st.preempted_state, st.resume_asked_at = RECOVERING, self.clock(), how, None
+        self._save()
+        self._record("preempted", instance=st.instance or (instance.id if instance else ""), state=how,
+                     steps=st.steps())  # fmt: skip
+
+    def _recover(self, instance: Instance | None) -> None:
+        st, now = self.state, self.clock()
+        if instance is not None and instance.state == RUNNING and self.reachable(instance.ssh_host, instance.ssh_port):
+            self._back(instance.id, "resumed" if instance.id == st.instance else "relaunched")
+            return
+        waited = now - (st.preempted_at or now)
+        in_time = waited < self.box.resume_wait_minutes * 60
+        kept = instance is not None and instance.id == st.instance and self.provider.capabilities.stop_resume
+        if kept and in_time and instance is not None:
+            if instance.state in (PREEMPTED, STOPPED):
+                self._ask_resume(instance)
+            return  # starting again, or asked to: looked at next poll
+        if instance is not None and instance.state in (RUNNING, STARTING) and instance.id != st.instance:
+            self._launch()  # launched by an earlier watcher (killed since): waited for, not launched again
+            return
+        self._replace(instance)
+
+    def _ask_resume(self, instance: Instance) -> None:
+        st, now = self.state, self.clock()
+        if st.resume_asked_at is not None and now - st.resume_asked_at < RESUME_RETRY_SECONDS:
+            return
+        st.resume_asked_at = now
+        self._save()
+        try:
+            self.provider.resume(self.box, instance)
+            self.say(f"asked {self.provider.name} to resume instance {instance.id}")
+        except LenslabError as exc:
+            self.say(f"instance {instance.id} not resumed yet ({exc}); asking again in {RESUME_RETRY_SECONDS:.0f} s")
+
+    def _replace(self, instance: Instance | None) -> None:
+        """Terminate the lost instance (its cost goes into the ledger), then launch another."""
+        if instance is not None:
+            old = self.provider.get(self.box)
+            if old is not None:
+                self.provider.terminate(old)
+        self._launch()
+
+    def _launch(self) -> None:
+        st = self.state
+        try:
+            self.provider.launch(self.box)
+        except BudgetReached as exc:
+            st.phase = BUDGET
+            self._save()
+            self._record("budget", reason=str(exc).split(";")[0])
+            return
+        except CloudNoCapacity as exc:
+            self.say(f"no offer to relaunch on yet ({exc}); trying again in {self.poll_seconds:.0f} s")
+            return
+        except LenslabError as exc:
+            self.say(f"relaunch failed ({exc}); trying again in {self.poll_seconds:.0f} s")
+            return
+        found = self.provider.current(self.box)
+        if found is not None and found.state == RUNNING:
+            self._back(found.id, "relaunched" if found.id != st.instance else "resumed")
+
+    def _back(self, instance_id: str, how: str) -> None:
+        st = self.state
+        down = self.clock() - (st.preempted_at or self.clock())
+        ledger = ledgers.read(self.provider.name, self.box.name)
+        st.phase, st.instance, st.last_reachable, st.preempted_at = WATCHING, instance_id, self.clock(), None
+        st.recoveries += 1
+        st.restart_pending = True
+        self._save()
+        self._record(how, instance=instance_id, gpu=ledger.gpu, region=ledger.region, price=ledger.price_per_hour,
+                     interruptible=ledger.interruptible, down_seconds=round(down, 1))  # fmt: skip
+        self._restart()
+
+    def _restart(self) -> None:
+        """The box made ready as `lenslab up` does, then the unfinished runs started again."""
+        st = self.state
+        try:
+            self.runs.prepare()
+            resumed = self.runs.restart(st) if st.unfinished() else {}
+        except Exception as exc:  # kept for the next poll: the runs must come back
+            self.say(f"runs not restarted yet ({exc}); trying again next poll")
+            return
+        st.restart_pending = False
+        self._save()
+        if resumed:
+            steps = {k: v for k, v in resumed.items() if v is not None}
+            self._record("restarted", instance=st.instance, steps=steps, runs=sorted(resumed))
+
+    def _budget_stop(self, instance: Instance, *, reachable: bool) -> None:
+        """budget_usd reached: the runs stop with a checkpoint, the instance is terminated."""
+        st = self.state
+        stopped: list[str] = []
+        if reachable:
+            try:
+                stopped = self.runs.stop(st)
+            except LenslabError as exc:
+                self.say(f"runs could not be stopped gracefully ({exc})")
+        box = self.provider.get(self.box)
+        if box is not None:
+            self.provider.terminate(box)
+        st.phase = BUDGET
+        self._save()
+        self._record("budget", instance=instance.id, runs=stopped, steps=st.steps(),
+                     reason=f"box.budget_usd ${self.box.budget_usd:.2f} reached")  # fmt: skip
