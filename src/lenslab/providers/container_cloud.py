@@ -14,6 +14,7 @@ Launching follows the rules that hold for every rented box:
 - a boot deadline (``boot_timeout_minutes``): an instance that is not running with a public SSH
   port by then, or that stops or vanishes while starting, is terminated before the error;
 - the ledger (``container_ledger``) is written as soon as a create returns an id.
+One launch is carried out by ``container_launch.Launch``.
 
 Each subclass opens its API client (``CloudApi``), plans a launch (``_plan``: where, and what
 else must exist) and creates the instance (``_create``).
@@ -26,33 +27,27 @@ import ipaddress
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from lenslab import files
-from lenslab.errors import BootFailed, ConfigError, LenslabError, ProviderError
+from lenslab.errors import ConfigError, ProviderError
 from lenslab.providers import container_ledger as ledgers
-from lenslab.providers.base import AutostopInputs, OfferQuery, Provider, add_note
+from lenslab.providers.base import AutostopInputs, OfferQuery, Provider
 from lenslab.providers.container_box import (
-    BOX_COMMAND,
     BOX_ROOT,
     BOX_SSH_PORT,
     BOX_USER,
     Confirm,
     LaunchPlan,
     LaunchSpec,
-    price_for,
     prompt_on_terminal,
     public_key,
     warn_on_stderr,
 )
 from lenslab.providers.offers import (
     RUNNING,
-    STARTING,
     TERMINATED,
-    CloudNoCapacity,
-    CloudOutcomeUnknown,
     Instance,
     Offer,
     RetryPolicy,
@@ -67,17 +62,6 @@ if TYPE_CHECKING:
 # Listing offers is a question, not a task: a provider that does not answer soon is reported
 # as failing while the others show, rather than retried for half a minute.
 OFFERS_POLICY = RetryPolicy(max_attempts=3, initial_backoff=0.25, max_backoff=1.0)
-POLL_SECONDS = 3.0
-WAIT_POLL_SECONDS = 30.0  # fallback = "wait": how often offers are looked at again
-# After a create with no usable reply: how often to look for the instance by name before
-# deciding the create did not happen, and how often to create at most.
-LOOKUP_ATTEMPTS = 3
-LOOKUP_INTERVAL_SECONDS = 2.0
-CREATE_ATTEMPTS = 3
-
-
-class BudgetReached(ProviderError):
-    """box.budget_usd cannot pay one more hour: nothing was launched."""
 
 
 class CloudApi(Protocol):
@@ -175,96 +159,13 @@ class ContainerCloud(Provider):
         return self._launch(cfg, offer)
 
     def _launch(self, cfg: BoxConfig, offer: Offer | None) -> Box:
+        from lenslab.providers.container_launch import Launch
+
         refusal = self._refusal(cfg)
         if refusal is not None:
             raise refusal
         with self._api() as api:
-            self.seen = self._named(api, cfg.alias)
-            live = self._reuse(api, cfg)
-            if live is not None:
-                return self._box(cfg, live)
-            chosen = offer if offer is not None else self._first_offer(api, cfg)
-            instance = self._launch_new(api, cfg, chosen)
-            self.seen = [instance]
-            return self._box(cfg, instance)
-
-    def _first_offer(self, api: CloudApi, cfg: BoxConfig) -> Offer:
-        """The cheapest offer of the first of box.gpu_types that [box] takes at some price;
-        with ``fallback = "wait"`` looked for again until one appears (resume_wait_minutes)."""
-        deadline = self.clock() + cfg.resume_wait_minutes * 60
-        while True:
-            query = OfferQuery(min_vram_gb=cfg.min_vram_gb, interruptible=cfg.interruptible)
-            found = [o for o in api.live_offers(query) if price_for(cfg, o) is not None]
-            for wanted in cfg.gpu_types:
-                matching = [o for o in found if wanted == o.offer_id or wanted.lower() in o.gpu_name.lower()]
-                if matching:
-                    return min(matching, key=lambda o: _hourly(cfg, o))
-            if not (cfg.interruptible and cfg.fallback == "wait") or self.clock() >= deadline:
-                break
-            self.warn(f"no interruptible {self.name} offer within box.max_price_per_hour; waiting (fallback = wait)")
-            self.sleep(WAIT_POLL_SECONDS)
-        kind = "interruptible offer" if cfg.interruptible and cfg.fallback == "wait" else "offer"
-        raise CloudNoCapacity(
-            f"no {self.name} {kind} of box.gpu_types {cfg.gpu_types} is available right now",
-            "see `lenslab offers`, then widen box.gpu_types, min_vram_gb or max_price_per_hour",
-            code="lenslab/no-offer",
-        )
-
-    def _reuse(self, api: CloudApi, cfg: BoxConfig) -> Instance | None:
-        """lenslab's running (or starting) instance, waited for; the others named for the box
-        (stopped, preempted, a second one) are terminated: they bill for nothing."""
-        usable = [i for i in self.seen if i.state in (RUNNING, STARTING)]
-        best = min(usable, key=lambda i: (i.state != RUNNING, not i.ssh_host), default=None)
-        for other in self.seen:
-            if other is not best:
-                self.warn(f"terminating instance {other.name} ({other.id}, {other.state}): lenslab uses one instance")
-                api.remove(other.id)
-        self.seen = [] if best is None else [best]
-        if best is None:
-            return None
-        ledger = ledgers.read(self.name, cfg.name)
-        if ledger.instance_id != best.id:
-            # Found, not launched from here: its price is known, its start is not.
-            ledger = ledgers.Ledger(
-                instance_id=best.id, price_per_hour=best.price_per_hour or 0.0, gpu=best.gpu_name,
-                launched_at=best.created_at, spent_usd=ledger.spent_usd,
-            )  # fmt: skip
-            ledgers.write(self.name, cfg.name, ledger)
-        if best.state == RUNNING and best.ssh_host and best.ssh_port:
-            return best
-        return self._wait(api, cfg, best.id, best.name)
-
-    def _launch_new(self, api: CloudApi, cfg: BoxConfig, offer: Offer) -> Instance:
-        previous = ledgers.read(self.name, cfg.name).instance_id
-        if previous:
-            # No live instance is left (``_reuse``): the previous one was taken back by the
-            # provider or terminated as a leftover. Its hours stay counted against budget_usd.
-            self._closed(cfg.name, previous)
-        price = price_for(cfg, offer)
-        if price is None:
-            kind = "interruptible " if cfg.interruptible and cfg.fallback == "wait" else ""
-            raise ProviderError(
-                f"offer {offer.gpu_name} on {self.name} has no {kind}price within box.max_price_per_hour",
-                "pick another offer (`lenslab offers`), or raise box.max_price_per_hour",
-            )
-        self._check_budget(cfg, price.per_hour)
-        plan = replace(self._plan(api, cfg, offer), bid=price.per_hour if price.interruptible else None)
-        what = self.describe(plan)
-        if not self.confirm(what):
-            raise ProviderError(f"not launched: lenslab would {what}", "re-run with --yes to accept")
-        spec = LaunchSpec(name=cfg.alias, image=cfg.image, command=BOX_COMMAND, env=self._env(cfg))
-        instance_id = self._create_once(api, cfg, plan, spec)
-        spent = ledgers.read(self.name, cfg.name).spent_usd
-        ledger = ledgers.Ledger(
-            instance_id, price.per_hour, offer.gpu_name, plan.where, time.time(), spent,
-            interruptible=price.interruptible, on_demand_price=price.on_demand,
-        )  # fmt: skip
-        ledgers.write(self.name, cfg.name, ledger)
-        events.record(
-            cfg.name, "launched", provider=self.name, instance=instance_id, gpu=offer.gpu_name, region=plan.where,
-            price=price.per_hour, on_demand=price.on_demand, interruptible=price.interruptible,
-        )  # fmt: skip
-        return self._wait(api, cfg, instance_id, cfg.alias)
+            return self._box(cfg, Launch(self, api, cfg).run(offer))
 
     def describe(self, plan: LaunchPlan) -> str:
         offer = plan.offer
@@ -274,78 +175,8 @@ class ContainerCloud(Provider):
         gpus = f"{offer.gpu_count}x {offer.gpu_name} ({offer.vram_gb:.0f} GB)"
         return f"launch {gpus} on {self.name}{where} at {how}{more}"
 
-    def _check_budget(self, cfg: BoxConfig, price: float) -> None:
-        """Refuse, before asking, a launch that box.budget_usd cannot pay one hour of."""
-        if cfg.budget_usd is None:
-            return
-        left = cfg.budget_usd - ledgers.read(self.name, cfg.name).spent_usd
-        if left < price:
-            raise BudgetReached(
-                f"box.budget_usd ${cfg.budget_usd:.2f} has ${max(left, 0):.2f} left, less than one hour at "
-                f"${price:.2f}/hour; nothing was launched",
-                "raise box.budget_usd in lenslab.toml, or choose a cheaper offer (`lenslab offers`)",
-            )
-
     def _env(self, cfg: BoxConfig) -> dict[str, str]:
         return {"LENSLAB_PUBLIC_KEY": public_key(cfg), "LENSLAB_ROOT": BOX_ROOT, "LENSLAB_BOX": cfg.name}
-
-    def _create_once(self, api: CloudApi, cfg: BoxConfig, plan: LaunchPlan, spec: LaunchSpec) -> str:
-        """Create and return the id; a create whose reply was lost is looked for by name first
-        and sent again only when no instance of that name appeared."""
-        for attempt in range(1, CREATE_ATTEMPTS + 1):
-            try:
-                return self._create(api, cfg, plan, spec)
-            except CloudOutcomeUnknown as exc:
-                found = self._look_for(api, spec.name)
-                if found is not None:
-                    return found.id
-                if attempt == CREATE_ATTEMPTS:
-                    add_note(exc, f"no instance named {spec.name} appeared, so none is billing")
-                    raise
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    def _look_for(self, api: CloudApi, name: str) -> Instance | None:
-        for attempt in range(LOOKUP_ATTEMPTS):
-            if attempt:
-                self.sleep(LOOKUP_INTERVAL_SECONDS)  # an accepted create may take a moment to list
-            found = self._named(api, name)
-            if found:
-                return found[0]
-        return None
-
-    def _wait(self, api: CloudApi, cfg: BoxConfig, instance_id: str, name: str) -> Instance:
-        """Until the instance runs with a public SSH port; terminated at the deadline or when it
-        stops or vanishes while starting. Any other failure says what bills."""
-        timeout = cfg.boot_timeout_minutes * 60
-        deadline = self.clock() + timeout
-        try:
-            while True:
-                instance = api.instance(instance_id)
-                if instance is not None and instance.state == RUNNING and instance.ssh_host and instance.ssh_port:
-                    return instance
-                if instance is None or instance.state not in (RUNNING, STARTING):
-                    reason = "vanished" if instance is None else f"went {instance.provider_status}"
-                elif self.clock() >= deadline:
-                    reason = f"was still starting after {timeout:.0f} s"
-                else:
-                    self.sleep(min(POLL_SECONDS, max(deadline - self.clock(), 0.05)))
-                    continue
-                with contextlib.suppress(LenslabError):
-                    api.remove(instance_id)
-                self._closed(cfg.name, instance_id)
-                raise BootFailed(
-                    f"instance {name} ({instance_id}) {reason}; lenslab terminated it so it does not bill",
-                    "run `lenslab up` again, or choose another offer (`lenslab offers`)",
-                )
-        except BootFailed:
-            raise
-        except BaseException as exc:
-            note = self.still_billing_named(cfg.name, name)
-            if isinstance(exc, LenslabError):
-                add_note(exc, note)
-            else:
-                self.warn(note)
-            raise
 
     # -- the live box --------------------------------------------------------------------------
 
@@ -488,8 +319,3 @@ class ContainerCloud(Provider):
             user=cfg.user or BOX_USER,
             identity_file=Path(cfg.identity_file).expanduser() if cfg.identity_file else files.default_key_path(),
         )
-
-
-def _hourly(cfg: BoxConfig, offer: Offer) -> float:
-    price = price_for(cfg, offer)
-    return float("inf") if price is None else price.per_hour

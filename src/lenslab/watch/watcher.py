@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from lenslab.errors import LenslabError
 from lenslab.providers import container_ledger as ledgers
-from lenslab.providers.container_cloud import BudgetReached
+from lenslab.providers.container_launch import BudgetReached
 from lenslab.providers.offers import PREEMPTED, RUNNING, STARTING, STOPPED, CloudNoCapacity, Instance
 from lenslab.watch import events
 from lenslab.watch import state as states
