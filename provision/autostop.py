@@ -30,6 +30,8 @@ State, for ``lenslab status`` (time left before autostop): the JSON file ``state
 
 ``--wait`` (a container box's ``lenslab-box serve`` starts it so): the settings may arrive later
 and change; they are read again at every check, and the watcher keeps running after it acted.
+Until the file is there, the settings the instance was created with (``$LENSLAB_AUTOSTOP``, its
+key in ``$<key_env>``) apply, so an instance whose laptop went away right after launch stops.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from typing import Any, NamedTuple
 
 CHECK_EVERY_SECONDS = 60.0
 WAIT_SECONDS = 5.0  # how often --wait looks for settings that are not there yet
+# The settings a container instance was created with (lenslab.remote.autostop.ENV_SETTINGS).
+ENV_SETTINGS = "LENSLAB_AUTOSTOP"
 STATE_FILE = "/var/lib/lenslab/autostop.json"
 # Equal to lenslab.contract.STOP_TIMEOUT_SECONDS (this script runs alone on the box and cannot
 # import it; a test keeps the two equal): enough for a final checkpoint of a large SAE.
@@ -308,12 +312,13 @@ def api_request(cfg: dict[str, Any], action: str) -> urllib.request.Request | No
         else:
             method, body = VAST_ACTIONS[action]
             url = f"{cfg['api_url'].rstrip('/')}/instances/{urllib.parse.quote(instance, safe='')}/"
-        key_file = cfg["key_file"]
+        key_file = cfg.get("key_file")
     else:
         return None
-    key = _read(key_file)
+    # Create-time settings carry no key file: the key is in the provider's variable (key_env).
+    key = _read(key_file) if key_file else os.environ.get(cfg.get("key_env") or "", "").strip()
     if not key:
-        raise ActionFailed(f"no API key in {key_file}")
+        raise ActionFailed(f"no API key in {key_file or '$' + str(cfg.get('key_env'))}")
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     return urllib.request.Request(url, data=json.dumps(body).encode(), method=method, headers=headers)
 
@@ -417,6 +422,18 @@ def load_settings(path: str) -> dict[str, Any] | None:
     return cfg if isinstance(cfg, dict) else None
 
 
+def waited_settings(path: str) -> dict[str, Any] | None:
+    """--wait: the settings file, else the settings the instance was created with (ENV_SETTINGS);
+    a file that says "off" turns both off."""
+    cfg = load_settings(path)
+    if cfg is None:
+        try:
+            cfg = json.loads(os.environ.get(ENV_SETTINGS) or "null")
+        except ValueError:
+            return None
+    return cfg if isinstance(cfg, dict) and not cfg.get("off") else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Stop this box when nobody uses it.")
     parser.add_argument("--config", default="/etc/lenslab/autostop.json")
@@ -433,7 +450,7 @@ def main() -> int:
     if cfg is not None and not args.wait:
         state = json.loads(_read(cfg.get("state_file", STATE_FILE)) or "{}")
     while True:
-        cfg = load_settings(args.config) if args.wait else cfg
+        cfg = waited_settings(args.config) if args.wait else cfg
         if cfg is not None and not (args.wait and state.get("acted")):
             state = check(cfg, state, time.time())
             write_state(cfg.get("state_file", STATE_FILE), state)

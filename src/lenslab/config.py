@@ -84,6 +84,18 @@ def _pattern(regex: str, help_text: str) -> AfterValidator:
     return _shaped(lambda value: None if re.fullmatch(regex, value) else f"is not {help_text}")
 
 
+def _no_url_credentials(value: str) -> str:
+    # A user:pass@ in the URL would be printed by `lenslab train`, written into run files and
+    # put into instance env; the message never quotes the value, as it holds the secret.
+    authority = value.split("://", 1)[-1].split("/", 1)[0]
+    if "@" in authority and ":" in authority.rsplit("@", 1)[0]:
+        raise ValueError(
+            "the URL holds credentials (user:password@); remove them and name the variables "
+            "that hold them in mirror_env (e.g. AWS_ACCESS_KEY_ID) instead"
+        )
+    return value
+
+
 BoxName = Annotated[str, _shaped(values.box_name_problem)]
 Host = Annotated[str, _shaped(values.host_problem)]
 User = Annotated[str, _shaped(values.user_problem)]
@@ -162,7 +174,9 @@ class BoxConfig(BaseModel):
     # Where runs are mirrored (an fsspec URL such as "s3://bucket/lenslab"); required by
     # providers where nothing outlives an instance (vast), which hand it to the box. `lenslab
     # train` makes it the [resilience] mirror of a run file that names none (lenslab.runmirror).
-    mirror: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9+.-]{0,15}://[!-~]{1,500}$")
+    mirror: Annotated[str, AfterValidator(_no_url_credentials)] | None = Field(
+        default=None, pattern=r"^[a-z][a-z0-9+.-]{0,15}://[!-~]{1,500}$"
+    )
     # Environment variables (names) the mirror needs on the box, e.g. AWS_ACCESS_KEY_ID: `lenslab
     # train` copies their values from here into a mode-600 file beside the run file.
     mirror_env: list[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]{0,63}$")]] = Field(default_factory=list)

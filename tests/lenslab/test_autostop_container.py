@@ -336,6 +336,50 @@ def test_api_calls_stop_or_terminate_the_instance(
         cloud.provider.terminate(box)
 
 
+def _instance_env(cloud: Cloud, instance_id: str) -> dict[str, str]:
+    """The environment the instance was created with, as the provider's API holds it."""
+    if isinstance(cloud.emulator, RunPodEmulator):
+        return {e["key"]: e["value"] for e in cloud.emulator.pods[instance_id]["_spec"]["env"]}
+    return {
+        k: v for k, v in cloud.emulator.instances[int(instance_id)]["_body"]["env"].items() if not k.startswith("-")
+    }
+
+
+@pytest.mark.parametrize("mode", ["box", "laptop"])
+def test_an_instance_stops_itself_with_the_settings_it_was_created_with(
+    cloud: Cloud, watcher: Any, tmp_path: Path, keypair: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """No settings file yet (the laptop vanished right after the launch): the create-time ones
+    apply; the key is in the provider's variable only, and only with autostop = "box"."""
+    fields = {"autostop": mode, "idle_minutes": 5, "budget_usd": 50}
+    cfg = BoxConfig.model_validate(
+        {"name": "t", "provider": cloud.name, "identity_file": str(keypair), "mirror": "s3://b/l", **fields}
+    )
+    box = cloud.provider.launch(cfg)
+    instance_id = container_ledger.read(cloud.name, "t").instance_id
+    env = _instance_env(cloud, instance_id)
+    key_env = cloud.provider.capabilities.api_key_env
+    assert key_env is not None and cloud.emulator.api_key not in env["LENSLAB_AUTOSTOP"]
+    assert (env.get(key_env) == cloud.emulator.api_key) == (mode == "box") and (key_env in env) == (mode == "box")
+    monkeypatch.delenv(key_env)
+    for name, value in {**env, cloud.provider.instance_id_env: instance_id}.items():
+        monkeypatch.setenv(name, value)
+    settings = watcher.waited_settings(str(tmp_path / "none-yet.json"))
+    assert settings["idle_minutes"] == 5 and settings["budget_usd"] == 50 and settings["launched_at"] > 0
+    assert settings["price_per_hour_usd"] > 0 and "key_file" not in settings
+    assert settings["state_file"] == "/lab/.lenslab/autostop-state.json"
+    settings = {**settings, "box_command": None, "train_label": f"lenslab.test={uuid.uuid4().hex}"}
+    action = cloud.provider.autostop_action if mode == "box" else "none"
+    assert watcher.act(settings) == f"stopped 0 training container(s); action {action}"
+    assert cloud.state(instance_id) == (None if mode == "box" else "running")
+    off = tmp_path / "off.json"
+    autostop.install_in_container(LocalRunner(), str(tmp_path / "lab"), None, None, None)
+    off.write_text((tmp_path / "lab" / ".lenslab" / "autostop.json").read_text())
+    assert watcher.waited_settings(str(off)) is None  # autostop = "off" later: the create-time ones go too
+    if mode == "laptop":
+        cloud.provider.terminate(box)
+
+
 def test_a_refused_call_is_recorded_and_tried_again(cloud: Cloud, watcher: Any, tmp_path: Path, keypair: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     cfg = BoxConfig(name="t", provider=cloud.name, identity_file=str(keypair), mirror="s3://b/l")
@@ -383,7 +427,8 @@ def test_settings_and_key_on_the_volume(tmp_path: Path) -> None:
     assert sorted(p.name for p in where.iterdir()) == ["autostop.json"]
     (where / "autostop-state.json").write_text("{}")
     assert autostop.install_in_container(LocalRunner(), root, None, None, "vast-api-key") == {"autostop": "off"}
-    assert list(where.iterdir()) == []
+    assert [p.name for p in where.iterdir()] == ["autostop.json"]  # saying "off", over the create-time settings
+    assert json.loads((where / "autostop.json").read_text()) == {"off": True}
 
 
 def test_serve_starts_the_watcher_which_waits_for_its_settings(tmp_path: Path) -> None:

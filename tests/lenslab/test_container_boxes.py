@@ -122,7 +122,9 @@ def test_runpod_box_runs_commands_and_its_volume_outlives_the_pod(clouds: Clouds
     (pod,) = clouds.runpod.live_pods()
     user = "lab" if BOX_IMAGE else "debian"
     assert (box.user, box.host, box.port) == (user, "127.0.0.1", pod["runtime"]["ports"][0]["publicPort"])
-    wrote = run("ssh", "--", "sh", "-c", "echo kept > /lab/marker && id -un", cwd=where)
+    # The key `autostop = "box"` keeps on the volume: `down` removes it before the pod goes.
+    key = "mkdir -p /lab/.lenslab && (umask 077 && echo k > /lab/.lenslab/runpod-api-key)"
+    wrote = run("ssh", "--", "sh", "-c", f"{key} && echo kept > /lab/marker && id -un", cwd=where)
     assert (wrote.returncode, wrote.stdout) == (0, f"{user}\n"), wrote.stderr
     cost = cost_now(where)  # what `lenslab status` shows as $/h, hours and cost so far
     assert cost is not None and cost["price_per_hour_usd"] == 0.69 and cost["billed_hours"] is not None
@@ -133,6 +135,7 @@ def test_runpod_box_runs_commands_and_its_volume_outlives_the_pod(clouds: Clouds
     assert not clouds.runpod.live_pods() and not clouds.runner.containers
     (volume,) = clouds.runpod.volumes.values()
     assert (Path(volume["_directory"]) / "marker").read_text() == "kept\n"
+    assert not (Path(volume["_directory"]) / ".lenslab" / "runpod-api-key").exists()
 
     launch_cheapest(where)  # a new pod, on the same volume
     (second,) = clouds.runpod.live_pods()

@@ -3,6 +3,8 @@ and how the laptop checks what `lenslab-box` answers."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,38 @@ def test_what_lenslab_box_lists_is_checked_before_use() -> None:
     }  # fmt: skip
     assert found["dead"]["state"] == "starting"
     assert parse_runs({"name": "x"}) == {} and supervisor_facts(None) is None
+
+
+def _box_answering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
+    """A real ``lenslab-box`` on PATH that prints ``answer`` whatever it is asked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "reply.json").write_text(answer)
+    script = bin_dir / "lenslab-box"
+    script.write_text(f"#!/bin/sh\ncat {bin_dir / 'reply.json'}\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_a_hostile_answer_is_one_unexpected_reply_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lenslab.errors import RemoteError
+    from lenslab.remote.bootstrap import LocalRunner
+    from lenslab.remote.lab import Lab
+    from lenslab.remote.processlab import ProcessLab, ask
+
+    _box_answering(tmp_path, monkeypatch, "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RemoteError) as caught:
+        ask(LocalRunner(), "/lab", "runs", "--json")
+    assert str(caught.value).startswith("lenslab-box runs printed no JSON")  # not a RecursionError
+    lab = ProcessLab(LocalRunner(), Lab("b", "/lab", "img", False))
+    for token in ("t\u00f6ken", "\u0661\u0662\u0663"):  # alphanumeric, but not ASCII
+        _box_answering(tmp_path, monkeypatch, json.dumps({"port": 8888, "token": token}))
+        with pytest.raises(RemoteError, match="answered no port and token"):
+            lab.jupyter_access()
+    _box_answering(tmp_path, monkeypatch, json.dumps({"port": 8888, "token": "abc123"}))
+    assert lab.jupyter_access() == (8888, "abc123")
+
+
+def test_a_negative_restart_count_is_no_restart() -> None:
+    facts = supervisor_facts({"alive": True, "phase": "running", "restarts": -7, "launched_at": 1.0})
+    assert facts is not None and facts["restarts"] == 0

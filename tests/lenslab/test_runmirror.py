@@ -95,3 +95,17 @@ def test_the_trainer_sets_the_variables_and_refuses_a_bad_file(tmp_path: Path) -
     with pytest.raises(RunConfigError) as caught:
         mirror_env.apply(run_file)
     assert "hidden-value" not in str(caught.value) and "not a JSON object of environment variables" in str(caught.value)
+
+
+def test_a_mirror_url_with_credentials_is_one_line_that_names_mirror_env(tmp_path: Path) -> None:
+    from lenslab import config
+
+    path = tmp_path / "lenslab.toml"
+    path.write_text('[box]\nname = "b"\nprovider = "vast"\nmirror = "s3://AKIAX:s3cret@host/x"\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    message = str(caught.value)
+    assert "mirror" in message and "mirror_env" in message and "s3cret" not in message
+    assert "\n" not in message
+    path.write_text('[box]\nname = "b"\nprovider = "vast"\nmirror = "sftp://me@host/x"\n')
+    assert config.load(path).box.mirror == "sftp://me@host/x"  # a user name alone is no secret

@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pytest
 from lenslab_testkit import VM
@@ -40,6 +41,37 @@ def test_put_and_get_round_trip_with_mode(vm: VM, keypair: Path) -> None:
         assert link.get("/home/debian/sub/dir/blob.bin", copy) == len(data)
         assert copy.getvalue() == data
     assert vm.exec("stat -c %a /home/debian/sub/dir/blob.bin").stdout.strip() == "600"
+
+
+class _Watched(io.RawIOBase):
+    """A stream that, before its second chunk, records the mode of the half-written file."""
+
+    def __init__(self, vm: VM, tmp: str) -> None:
+        self.vm, self.tmp, self.reads, self.mode = vm, tmp, 0, ""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+        self.reads += 1
+        if self.reads == 2:
+            deadline = time.monotonic() + 10
+            while not self.mode and time.monotonic() < deadline:
+                self.mode = self.vm.exec(f"stat -c %a {self.tmp} 2>/dev/null").stdout.strip()
+        if self.reads > 3:
+            return 0
+        buffer[:1024] = b"s" * 1024
+        return 1024
+
+
+def test_put_writes_a_secret_that_no_one_else_can_read_even_while_it_arrives(vm: VM, keypair: Path) -> None:
+    path = "/home/debian/cfg/secret.json"
+    source = _Watched(vm, path + ".lenslab-tmp")
+    with SSHLink.connect(_target(vm, keypair)) as link:
+        link.put(cast(BinaryIO, source), path, mode=0o600)
+        link.put(b"public", "/home/debian/cfg/plain.txt")
+    assert source.mode == "600"  # under the default umask it was 644 until the chmod
+    assert vm.exec(f"stat -c %a {path} /home/debian/cfg/plain.txt").stdout.split() == ["600", "644"]
 
 
 def test_local_port_forward_reaches_a_server_on_the_box(vm: VM, keypair: Path) -> None:

@@ -100,10 +100,10 @@ def clouds(docker_ready: None, keypair: Path, tmp_path: Path, monkeypatch: pytes
         vast.stop()
 
 
-def stop_watcher(project: str) -> None:
+def stop_watcher(box: str) -> None:
     """A detached watcher a failed test left running is stopped (by its pid), never leaked."""
-    pid = states.read_pid(project)
-    if pid is not None and states.is_locked(project):
+    pid = states.read_pid(box)
+    if pid is not None and states.is_locked(box):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -333,7 +333,7 @@ def test_sigkilled_detached_watcher_restarted_launches_nothing_twice(
 ) -> None:
     (tmp_path / "lenslab.toml").write_text(
         f'[box]\nname = "w"\nprovider = "runpod"\nuser = "debian"\nidentity_file = "{keypair}"\n'
-        'gpu_types = ["4090"]\ninterruptible = true\nresume_wait_minutes = 0\n'
+        'gpu_types = ["4090"]\ninterruptible = true\nresume_wait_minutes = 0\nbudget_usd = 50\n'
     )
     cfg = config.load(tmp_path / "lenslab.toml")
     cloud = provider_of(cfg)
@@ -341,7 +341,7 @@ def test_sigkilled_detached_watcher_restarted_launches_nothing_twice(
     started = run_cli("watch", "--detach", "--poll-seconds", "0.3", "--json", cwd=tmp_path)
     assert started.returncode == 0, started.stderr
     pid = json.loads(started.stdout)["pid"]
-    again = run_cli("watch", "--detach", cwd=tmp_path)  # one watcher per project
+    again = run_cli("watch", "--detach", cwd=tmp_path)  # one watcher per box
     assert again.returncode != 0 and "already running" in again.stderr
     wait_for(lambda: bool(states.load("w", "runpod").instance), 20, "the watcher never saw the pod")
     (pod,) = clouds.runpod.live_pods()

@@ -59,11 +59,11 @@ def test_state_file_round_trips_and_a_broken_one_starts_afresh(home: Path) -> No
     assert states.load("b", "runpod") == WatchState(box="b", provider="runpod")
 
 
-def test_one_watcher_per_project(home: Path) -> None:
+def test_one_watcher_per_box(home: Path) -> None:
     held = states.take_lock("p")
     try:
         assert states.is_locked("p") and states.read_pid("p") is not None
-        with pytest.raises(states.AlreadyWatching, match="a watcher for project p is already running"):
+        with pytest.raises(states.AlreadyWatching, match="a watcher for box p is already running"):
             states.take_lock("p")
     finally:
         held.close()

@@ -70,7 +70,7 @@ def test_a_run_preempted_twice_ends_equal_to_an_uninterrupted_one(
 ) -> None:
     (project / "lenslab.toml").write_text(
         '[box]\nname = "sp"\nprovider = "runpod"\ngpu_types = ["4090"]\ninterruptible = true\n'
-        "resume_wait_minutes = 1\nmin_free_gb = 0\n"
+        "resume_wait_minutes = 1\nmin_free_gb = 0\nbudget_usd = 50\n"
     )
     run_file = tiny_run(project / "run", training_tokens=400_000, checkpoint_every_tokens=40_000)
     reference = subprocess.Popen(

@@ -6,6 +6,7 @@ tests/lenslab/test_container_boxes.py runs them as real containers."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from lenslab.config import BoxConfig
-from lenslab.errors import BootFailed, ProviderError
+from lenslab.errors import BootFailed, ConfigError, ProviderError
 from lenslab.providers import container_ledger
 from lenslab.providers.offers import (
     CloudKeyRefused,
@@ -27,7 +28,7 @@ from lenslab.providers.runpod.provider import RunPodApi, RunPodProvider
 from lenslab.providers.vast.api import VastClient
 from lenslab.providers.vast.provider import VastApi, VastProvider
 from tests.support.http_emulator import DROP
-from tests.support.runpod_emulator import RunPodEmulator
+from tests.support.runpod_emulator import GraphQLFailure, RunPodEmulator
 from tests.support.vast_emulator import VastEmulator
 
 FAST = RetryPolicy(max_attempts=6, initial_backoff=0.001, max_backoff=0.01)
@@ -132,8 +133,11 @@ def test_runpod_launch_creates_the_volume_and_a_pod_of_lenslabs_image(runpod: Ru
     assert (sent["name"], sent["imageName"], sent["dockerArgs"], sent["ports"]) == (
         "lenslab-t", "lenslab:1.2", "lenslab-box serve", "2222/tcp")  # fmt: skip
     assert (sent["networkVolumeId"], sent["volumeMountPath"], sent["dataCenterId"]) == (volume["id"], "/lab", "EU-RO-1")
-    assert {e["key"]: e["value"] for e in sent["env"]} == {
-        "LENSLAB_PUBLIC_KEY": PUBLIC_KEY, "LENSLAB_ROOT": "/lab", "LENSLAB_BOX": "t"}  # fmt: skip
+    env = {e["key"]: e["value"] for e in sent["env"]}
+    autostop = json.loads(env.pop("LENSLAB_AUTOSTOP"))  # the watcher's settings until `up` writes them
+    assert env == {"LENSLAB_PUBLIC_KEY": PUBLIC_KEY, "LENSLAB_ROOT": "/lab", "LENSLAB_BOX": "t"}
+    assert (autostop["idle_minutes"], autostop["price_per_hour_usd"], autostop["instance_id_env"]) == (
+        30, 0.69, "RUNPOD_POD_ID")  # fmt: skip
     (pod,) = runpod.pods.values()
     assert (got.user, got.host, got.port) == ("lab", "127.0.0.1", pod["_ssh"][1])
     assert (got.root, got.alias) == ("/lab", "lenslab-t")
@@ -177,6 +181,35 @@ def test_runpod_launch_keeps_one_pod_of_two_left_by_an_earlier_lost_reply(runpod
     provider.terminate(got)
 
 
+def test_a_pod_found_running_is_costed_from_its_uptime_or_else_from_when_it_was_found(
+    runpod: RunPodEmulator, key: Path
+) -> None:
+    from lenslab.providers.runpod.records import PodSpec
+
+    client = RunPodClient(runpod.api_key, runpod.graphql_url, runpod.rest_url)
+    pod = client.deploy(PodSpec(name="lenslab-t", image_name="img", gpu_type_id="NVIDIA GeForce RTX 4090"))
+    client.close()
+    runpod.pods[pod.id]["_started"] -= 7200  # launched two hours ago, from another laptop
+    provider, _ = runpod_provider(runpod)
+    got = provider.launch(box("runpod", key))
+    ledger = container_ledger.read("runpod", "t")
+    assert ledger.launched_at is not None and ledger.launched_at == pytest.approx(time.time() - 7200, abs=60)
+    assert provider.cost("t")["cost_usd"] == pytest.approx(2 * ledger.price_per_hour, abs=0.05)  # type: ignore[index]
+    assert ledger.price_per_hour > 0
+    provider.terminate(got)
+
+    runpod.stuck_starting = True  # found before its runtime (and uptime) is reported
+    client = RunPodClient(runpod.api_key, runpod.graphql_url, runpod.rest_url)
+    client.deploy(PodSpec(name="lenslab-t", image_name="img", gpu_type_id="NVIDIA GeForce RTX 4090"))
+    client.close()
+    warned: list[str] = []
+    provider, _ = runpod_provider(runpod)
+    provider.warn = warned.append
+    with pytest.raises(BootFailed):
+        provider.launch(box("runpod", key, boot_timeout_minutes=1.0))
+    assert any("gives no start time: its cost counts from now" in line for line in warned), warned
+
+
 def test_runpod_no_consent_creates_nothing(runpod: RunPodEmulator, key: Path) -> None:
     provider, _ = runpod_provider(runpod, yes=False)
     with pytest.raises(ProviderError, match="not launched: lenslab would launch 1x RTX 4090"):
@@ -199,6 +232,50 @@ def test_runpod_stuck_starting_is_terminated_at_the_deadline(runpod: RunPodEmula
         provider.launch_offer(box("runpod", key, boot_timeout_minutes=1.0), offer_4090())
     assert not runpod.pods and sum(clock.sleeps) >= 60
     assert container_ledger.read("runpod", "t").instance_id == ""  # nothing is billing
+
+
+def test_a_failed_boot_whose_terminate_fails_says_it_may_bill_and_keeps_the_ledger(
+    runpod: RunPodEmulator, key: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider, _ = runpod_provider(runpod)
+    runpod.stuck_starting = True
+    terminate = runpod._op_podTerminate
+
+    def refused(variables: dict[str, Any]) -> Any:
+        raise GraphQLFailure("Something went wrong. Please try again later.")
+
+    monkeypatch.setattr(runpod, "_op_podTerminate", refused)
+    cfg = box("runpod", key, boot_timeout_minutes=1.0)
+    with pytest.raises(BootFailed) as caught:
+        provider.launch_offer(cfg, offer_4090())
+    message = str(caught.value)
+    assert "could not terminate it" in message and "may still bill" in message and "`lenslab down`" in message
+    assert "does not bill" not in message
+    (pod,) = runpod.pods.values()
+    assert container_ledger.read("runpod", "t").instance_id == pod["id"]  # still counted by budget_usd
+    monkeypatch.setattr(runpod, "_op_podTerminate", terminate)
+    found = provider.get(cfg)
+    assert found is not None
+    provider.terminate(found)  # what `lenslab down` does
+    assert not runpod.pods and container_ledger.read("runpod", "t").instance_id == ""
+
+
+def test_a_pod_not_listed_just_after_its_create_is_looked_at_again(
+    runpod: RunPodEmulator, key: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider, _ = runpod_provider(runpod)
+    lookup, misses = runpod._op_pod, [2]
+
+    def lagging(variables: dict[str, Any]) -> Any:
+        if misses[0]:
+            misses[0] -= 1
+            return None  # the API's listing lags the create
+        return lookup(variables)
+
+    monkeypatch.setattr(runpod, "_op_pod", lagging)
+    got = provider.launch_offer(box("runpod", key), offer_4090())
+    assert len(runpod.pods) == 1 and not misses[0]
+    provider.terminate(got)
 
 
 def test_runpod_lost_create_reply_makes_exactly_one_pod_and_one_volume(runpod: RunPodEmulator, key: Path) -> None:
@@ -277,6 +354,20 @@ def test_terminate_adds_the_instance_cost_to_what_the_box_spent(runpod: RunPodEm
     assert container_ledger.read("runpod", "t").spent_usd == pytest.approx(1.38, abs=0.01)
 
 
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"spent_usd": "lots"}', '{"spent_usd": NaN}'])
+def test_a_broken_ledger_is_refused_not_taken_as_nothing_spent(runpod: RunPodEmulator, key: Path, text: str) -> None:
+    provider, asked = runpod_provider(runpod)
+    file = container_ledger.path("runpod", "t")
+    container_ledger.write("runpod", "t", container_ledger.Ledger(spent_usd=9.5))
+    file.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        provider.launch_offer(box("runpod", key, budget_usd=10.0), offer_4090())
+    message = str(caught.value)
+    assert message.startswith(f"{file}: lenslab's record of this box's spending is broken") and "\n" not in message
+    assert "delete it" in message and not asked and not runpod.pods
+    assert file.read_text() == text  # left for the user to fix, not overwritten
+
+
 # -- vast.ai -----------------------------------------------------------------------------------
 
 
@@ -296,6 +387,7 @@ def test_vast_launch_rents_the_ask_with_the_box_command_and_port(vast: VastEmula
     sent = row["_body"]
     assert (sent["image"], sent["runtype"], sent["args"], sent["label"], sent["price"]) == (
         "lenslab:1.2", "args", ["lenslab-box", "serve"], "lenslab-t", None)  # fmt: skip
+    assert json.loads(sent["env"].pop("LENSLAB_AUTOSTOP"))["price_per_hour_usd"] > 0
     assert sent["env"] == {
         "LENSLAB_PUBLIC_KEY": PUBLIC_KEY, "LENSLAB_ROOT": "/lab", "LENSLAB_BOX": "t",
         "-p 2222:2222": "1", "LENSLAB_MIRROR": "s3://bucket/lenslab",

@@ -229,7 +229,7 @@ def test_lost_reply_on_create_is_not_retried_and_found_by_name(cloud: RunPodEmul
         (Reply(200, {"data": {}}), "gpu_types", "GraphQL gpuTypes: unexpected reply (data.gpuTypes: missing)"),
         (Reply(200, {"errors": "boom"}), "pods", "body.errors: expected a list, got a string"),
         (Reply(200, {"data": {"gpuTypes": [{"id": "x", "displayName": "X", "memoryInGb": "80"}]}}), "gpu_types",
-         "data.gpuTypes[0].memoryInGb: expected a number >= 0, got a string"),
+         "data.gpuTypes[0].memoryInGb: expected a finite number >= 0, got a string"),
         (Reply(200, {"error": "x"}, "application/json"), "network_volumes", "GET /networkvolumes: unexpected reply"),
     ],
 )  # fmt: skip

@@ -85,12 +85,19 @@ def root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def stop_leftovers(root: Path) -> Any:
+def stop_leftovers(root: Path, tmp_path: Path) -> Any:
     yield
     for path in (root / "runs").glob("*/supervisor.json"):
         subprocess.run(
             [BOX, "--root", str(root), "stop", path.parent.name], capture_output=True, timeout=200, check=False
         )
+    # Whatever a failed test left behind: only processes whose command line names its directory.
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(tmp_path).encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
 
 
 @pytest.mark.slow
@@ -204,3 +211,236 @@ def test_prepare_and_facts_have_the_shapes_the_laptop_checks(root: Path) -> None
     assert again["changed"] == []
     facts = check_status_facts(json.loads(box(root, "facts", "--json").stdout), "lenslab-box facts")
     assert facts["root_exists"] is True and facts["containers"] == 0 and facts["disk_free_kb"] > 0
+
+
+def fake_trainer(tmp_path: Path, name: str) -> tuple[Path, dict[str, str], Path]:
+    """A run file, an env with a `lenslab-train` on PATH that loops until SIGTERM (then exits
+    75, as the real one does after its checkpoint), and the file each launch writes its pid to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    launches = tmp_path / f"launches-{name}"
+    script = bin_dir / "lenslab-train"
+    script.write_text(f"#!/bin/sh\necho $$ >> {launches}\ntrap 'exit 75' TERM\nwhile :; do sleep 0.1; done\n")
+    script.chmod(0o755)
+    run_file = tmp_path / f"{name}.toml"
+    run_file.write_text(f'name = "{name}"\n')
+    return run_file, {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, launches
+
+
+def pids(launches: Path) -> list[int]:
+    return [int(line) for line in launches.read_text().split()] if launches.is_file() else []
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (the recorded fact a reused pid does not match); None once gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def running(pid: int) -> bool:
+    return start_ticks(pid) is not None
+
+
+def test_concurrent_starts_give_one_supervisor_and_one_trainer(root: Path, tmp_path: Path) -> None:
+    run_file, env, launches = fake_trainer(tmp_path, "r5")
+    starts = [subprocess.Popen([BOX, "--root", str(root), "start", "r5", str(run_file)], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]  # fmt: skip
+    codes = sorted(proc.wait(timeout=60) for proc in starts)
+    assert codes == [0, 8], [proc.communicate() for proc in starts]
+    wait_for("the trainer", lambda: pids(launches), timeout=20)
+    # A supervisor started by hand beside the live one refuses: the run's lock is held.
+    second = box(root, "supervise", "r5", str(run_file), env=env, timeout=30)
+    assert second.returncode == 8
+    time.sleep(1)
+    assert len(pids(launches)) == 1
+    stopped = box(root, "stop", "r5")
+    assert json.loads(stopped.stdout) == {"run": "r5", "was_running": True, "exit_code": 75}
+    assert not running(pids(launches)[0])
+
+
+def test_a_killed_supervisor_takes_its_trainer_along(root: Path, tmp_path: Path) -> None:
+    run_file, env, _ = fake_trainer(tmp_path, "r6")
+    assert box(root, "start", "r6", str(run_file), env=env).returncode == 0
+    trainer = wait_for("the trainer", lambda: supervisor(root, "r6").get("trainer_pid"), timeout=20)
+    os.kill(supervisor(root, "r6")["supervisor_pid"], signal.SIGKILL)
+    wait_for("the trainer to exit", lambda: not running(trainer), timeout=20)
+
+
+def test_an_orphaned_trainer_is_stopped_by_stop_and_by_start(root: Path, tmp_path: Path) -> None:
+    """A trainer left running by a supervisor that died (no death signal reached it)."""
+    run_file, env, launches = fake_trainer(tmp_path, "r6b")
+
+    def orphan() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([str(tmp_path / "bin" / "lenslab-train")])
+        wait_for("the orphan", lambda: proc.pid in pids(launches), timeout=10)
+        state = {"run": "r6b", "run_file": str(run_file), "desired": "running", "supervisor_pid": None,
+                 "trainer_pid": proc.pid, "trainer_start_ticks": start_ticks(proc.pid), "phase": "running"}  # fmt: skip
+        (root / "runs" / "r6b").mkdir(parents=True, exist_ok=True)
+        (root / "runs" / "r6b" / "supervisor.json").write_text(json.dumps(state))
+        return proc
+
+    first = orphan()
+    stopped = box(root, "stop", "r6b")
+    assert json.loads(stopped.stdout) == {"run": "r6b", "was_running": True, "exit_code": None}
+    assert first.wait(timeout=10) == 75
+
+    second = orphan()
+    assert box(root, "start", "r6b", str(run_file), env=env).returncode == 0
+    assert second.wait(timeout=10) == 75
+    wait_for("the new trainer", lambda: len(pids(launches)) == 3, timeout=20)
+    assert running(pids(launches)[-1])
+
+
+def test_a_stop_while_the_run_starts_stops_it(root: Path, tmp_path: Path) -> None:
+    run_file, env, launches = fake_trainer(tmp_path, "r7")
+    # The new supervisor takes 2 s to start, so the stop surely comes while the run is starting.
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import sys, time\nif 'supervise' in sys.argv:\n    time.sleep(2)\n")
+    starting = subprocess.Popen([BOX, "--root", str(root), "start", "r7", str(run_file)],
+                                env={**env, "PYTHONPATH": str(slow)})  # fmt: skip
+    wait_for("phase starting", lambda: supervisor(root, "r7").get("phase") == "starting", timeout=20)
+    assert supervisor(root, "r7")["supervisor_pid"] is None
+    stopped = box(root, "stop", "r7", timeout=60)
+    assert starting.wait(timeout=30) == 0
+    assert json.loads(stopped.stdout)["was_running"] is True
+    time.sleep(0.5)
+    assert all(not running(pid) for pid in pids(launches))
+    state = supervisor(root, "r7")
+    assert state["desired"] == "stopped" and state["phase"] == "exited"
+
+
+def test_a_supervisor_launches_nothing_once_the_run_is_stopped(root: Path, tmp_path: Path) -> None:
+    run_file, env, launches = fake_trainer(tmp_path, "r7b")
+    (root / "runs" / "r7b").mkdir(parents=True)
+    (root / "runs" / "r7b" / "supervisor.json").write_text(json.dumps({"run": "r7b", "desired": "stopped"}))
+    assert box(root, "supervise", "r7b", str(run_file), env=env, timeout=30).returncode == 0
+    assert pids(launches) == [] and supervisor(root, "r7b")["phase"] == "exited"
+
+
+# Two real ed25519 public keys (their private halves were never kept).
+KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBhV0x9mMxZ3Yl0cJ4VdQk2N8r0x2a3b4c5d6e7f8g9h"
+KEY_B = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKq1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1"
+
+
+def test_odd_lines_of_runpods_public_key_are_skipped_not_fatal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lenslab_workspace.box import serve
+    from lenslab_workspace.box.layout import BoxError
+
+    monkeypatch.setenv("LENSLAB_PUBLIC_KEY", f"{KEY_A} lenslab")
+    odd = ["not a key at all", f'command="true" {KEY_B} opts', f"{KEY_B} bell\x07here"]
+    monkeypatch.setenv("PUBLIC_KEY", "\\n".join([f"{KEY_B} José@laptop", *odd, f"{KEY_A} lenslab"]))
+    assert serve.public_keys() == [f"{KEY_A} lenslab", f"{KEY_B} José@laptop"]
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [f"lenslab-box serve: warning: skipped line {n} of PUBLIC_KEY: not an OpenSSH public key line"
+                        for n in (2, 3, 4)]  # fmt: skip
+
+    monkeypatch.setenv("LENSLAB_PUBLIC_KEY", "not a key")
+    with pytest.raises(BoxError, match=r"^LENSLAB_PUBLIC_KEY holds something that is not") as refused:
+        serve.public_keys()
+    assert refused.value.exit_code == 2
+
+
+def test_serve_as_root_refuses_in_one_line_and_writes_nothing(root: Path) -> None:
+    as_root = "import os, sys; os.getuid = lambda: 0; from lenslab_workspace.box.cli import main; sys.exit(main())"
+    out = subprocess.run([sys.executable, "-c", as_root, "--root", str(root), "serve"], capture_output=True,
+                         text=True, timeout=30, check=False, env={**os.environ, "PUBLIC_KEY": KEY_A})  # fmt: skip
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == (
+        "lenslab-box: error: serve runs as the image's unprivileged user, not root; set USER in the image\n"
+    )
+    assert not root.exists()
+
+
+def test_sshd_that_keeps_exiting_is_restarted_with_a_growing_delay(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lenslab_workspace.box import serve
+
+    failing = tmp_path / "sshd"
+    failing.write_text(f"#!/bin/sh\necho started >> {tmp_path / 'starts'}\nexit 255\n")
+    failing.chmod(0o755)
+    monkeypatch.setattr(serve, "SSHD", str(failing))
+    server = serve.Server(root)
+    config = tmp_path / "sshd_config"
+    now = 0.0
+    server._start_sshd(config, now)
+    for expected in (1, 2, 4, 8, 16, 32, 60, 60):
+        assert server.sshd is not None
+        server.sshd.wait()
+        server.keep_sshd(config, now)
+        assert capsys.readouterr().err == f"lenslab-box serve: sshd exited (255); starting it again in {expected}s\n"
+        first = server.sshd.pid
+        server.keep_sshd(config, now + expected - 0.1)  # not yet
+        assert server.sshd.pid == first
+        now += expected
+        server.keep_sshd(config, now)
+        assert server.sshd.pid != first
+    server.sshd.wait()
+    assert (tmp_path / "starts").read_text().count("started") == 9
+    # One that ran for a minute was healthy: the next exit waits 1 s again.
+    server.keep_sshd(config, now + 61)
+    assert capsys.readouterr().err.endswith("starting it again in 1s\n")
+
+
+RANGE = "pick one from 1024 to 65535"
+
+
+def test_jupyter_port_out_of_range_is_one_line_and_writes_nothing(root: Path) -> None:
+    for port in ("99999", "80", "-1"):
+        out = box(root, "jupyter", "--port", port)
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr == f"lenslab-box: error: --port {port} is not a port Jupyter can use: {RANGE}\n"
+    assert not root.exists()
+
+
+def test_jupyter_does_not_take_a_foreign_listener_for_its_server(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process on the asked port: the new server (a stand-in with the marker in its
+    command line) gets a free port, and only a listener that is that process counts."""
+    import socket
+
+    from lenslab_workspace.box import facts
+
+    stand_in = tmp_path / "jupyter-stand-in.py"
+    stand_in.write_text("import http.server, sys\nhttp.server.test(http.server.BaseHTTPRequestHandler, "
+                        "port=int(sys.argv[1]), bind='127.0.0.1')\n")  # fmt: skip
+    monkeypatch.setattr(facts, "jupyter_command", lambda root, port: [sys.executable, str(stand_in), str(port)])
+    with socket.socket() as foreign:
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+        taken = foreign.getsockname()[1]
+        first = facts.jupyter(root, taken)
+        try:
+            assert first["started"] is True and first["port"] != taken
+            pid = json.loads((root / ".lenslab" / "jupyter.json").read_text())["pid"]
+            assert facts.listens(pid, first["port"]) and not facts.listens(pid, taken)
+            again = facts.jupyter(root, taken)
+            assert again == {**first, "started": False}
+            # The record now names the foreign port: that listener is not ours, so a new server starts.
+            (root / ".lenslab" / "jupyter.json").write_text(json.dumps({"pid": pid, "port": taken}))
+            third = facts.jupyter(root, taken)
+            assert third["started"] is True and third["port"] not in (taken, first["port"])
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            third_pid = json.loads((root / ".lenslab" / "jupyter.json").read_text())["pid"]
+            os.kill(third_pid, signal.SIGKILL)
+
+
+def test_a_trainer_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path: Path) -> None:
+    from lenslab_workspace.box.layout import stop_process
+
+    stubborn = subprocess.Popen(["/bin/sh", "-c", f"trap '' TERM; echo ready > {tmp_path / 'ready'}; "
+                                 "while :; do sleep 0.1; done"])  # fmt: skip
+    wait_for("the trap", lambda: (tmp_path / "ready").is_file(), timeout=10)
+    ticks = start_ticks(stubborn.pid)
+    assert ticks is not None
+    began = time.monotonic()
+    stop_process(stubborn.pid, ticks, timeout=1.0)
+    assert stubborn.wait(timeout=5) == -signal.SIGKILL and time.monotonic() - began >= 1.0

@@ -23,20 +23,17 @@ def train(args: argparse.Namespace) -> int:
       lenslab train workspace/configs/tiny.toml
       lenslab train run.toml --name sweep-1 && lenslab logs sweep-1 -f
     """
-    from lenslab import runfile, runmirror
+    from lenslab import runfile, runmirror, runstart
     from lenslab.cli.common import one_line
-    from lenslab.contract import MIRROR_ENV_FILE
     from lenslab.remote.labs import open_lab
-    from lenslab.remote.training import Paths, RunDidNotStart
+    from lenslab.remote.training import RunDidNotStart
 
     run = runfile.load(Path(args.run_file), args.name)
     cfg = load_config(args)
-    run = runmirror.with_box_mirror(run, cfg.box)  # [box] mirror, unless the run names its own
-    secrets = runmirror.mirror_env(cfg.box)
+    runmirror.with_box_mirror(run, cfg.box)  # checked before connecting: a bad one uploads nothing
+    runmirror.mirror_env(cfg.box)
     with open_lab(cfg) as lab:
-        if secrets is not None:
-            lab.runner.put(secrets, f"{Paths(lab.lab.root, run.name).config_dir}/{MIRROR_ENV_FILE}", mode=0o600)
-        runs_it = lab.start_run(run)
+        run, runs_it = runstart.start_run(lab, run, cfg.box)  # as the watcher restarts it
         try:
             status = lab.wait_started(run.name, args.wait)
         except RunDidNotStart as exc:

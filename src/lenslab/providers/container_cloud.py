@@ -13,7 +13,9 @@ Launching follows the rules that hold for every rented box:
   lost is looked for by that name before it is sent again, so a lost reply never bills twice;
 - a boot deadline (``boot_timeout_minutes``): an instance that is not running with a public SSH
   port by then, or that stops or vanishes while starting, is terminated before the error;
-- the ledger (``container_ledger``) is written as soon as a create returns an id.
+- the ledger (``container_ledger``) is written as soon as a create returns an id;
+- autostop's settings go into the instance's environment at create (``_autostop_env``): it
+  stops itself even if nothing reaches it over SSH afterwards.
 One launch is carried out by ``container_launch.Launch``.
 
 Each subclass opens its API client (``CloudApi``), plans a launch (``_plan``: where, and what
@@ -24,14 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from lenslab import files
-from lenslab.errors import ConfigError, ProviderError
+from lenslab.errors import ConfigError, LenslabError, ProviderError
 from lenslab.providers import container_ledger as ledgers
 from lenslab.providers.base import AutostopInputs, OfferQuery, Provider
 from lenslab.providers.container_box import (
@@ -175,8 +179,33 @@ class ContainerCloud(Provider):
         gpus = f"{offer.gpu_count}x {offer.gpu_name} ({offer.vram_gb:.0f} GB)"
         return f"launch {gpus} on {self.name}{where} at {how}{more}"
 
-    def _env(self, cfg: BoxConfig) -> dict[str, str]:
-        return {"LENSLAB_PUBLIC_KEY": public_key(cfg), "LENSLAB_ROOT": BOX_ROOT, "LENSLAB_BOX": cfg.name}
+    def _env(self, cfg: BoxConfig, price_per_hour: float | None = None) -> dict[str, str]:
+        env = {"LENSLAB_PUBLIC_KEY": public_key(cfg), "LENSLAB_ROOT": BOX_ROOT, "LENSLAB_BOX": cfg.name}
+        if price_per_hour is not None:
+            env.update(self._autostop_env(cfg, price_per_hour))
+        return env
+
+    def _autostop_env(self, cfg: BoxConfig, price_per_hour: float) -> dict[str, str]:
+        """The watcher's settings at create time (``ENV_SETTINGS``): until `up` writes them over
+        SSH, an instance whose laptop went away still stops itself. The key goes only with
+        ``autostop = "box"``, and only in the provider's own variable, never in the settings."""
+        from lenslab.remote import autostop
+
+        inputs: dict[str, Any] = {
+            "instance_id_env": self.instance_id_env, "price_per_hour_usd": price_per_hour,
+            "spent_before_usd": ledgers.read(self.name, cfg.name).spent_usd,
+            "launched_at": time.time(), "budget_usd": cfg.budget_usd,
+        }  # fmt: skip
+        env: dict[str, str] = {}
+        key_env, key = self.capabilities.api_key_env, self.api_key()
+        if cfg.autostop == "box" and key_env and key:
+            inputs.update(action=self.autostop_action, api_url=self.base_url(self.default_api_url), key_env=key_env)
+            env[key_env] = key
+        settings = autostop.settings_for(cfg, cfg.name, self.capabilities.autostop, inputs)
+        if settings is None:
+            return {}
+        env[autostop.ENV_SETTINGS] = json.dumps(autostop.in_container(settings, BOX_ROOT), separators=(",", ":"))
+        return env
 
     # -- the live box --------------------------------------------------------------------------
 
@@ -205,6 +234,7 @@ class ContainerCloud(Provider):
         """Every instance named for the box, whatever its state: each one may bill."""
         from lenslab.remote.hostkeys import forget, host_entry
 
+        self._forget_key_on_box(box)
         with self._api() as api:
             for instance in self._named(api, box.alias):
                 api.remove(instance.id)
@@ -214,6 +244,28 @@ class ContainerCloud(Provider):
         # The next instance at this address and port is another container with another host key.
         if box.host:
             forget(files.known_hosts_path(), host_entry(box.host, box.port))
+
+    def _forget_key_on_box(self, box: Box) -> None:
+        """Remove the API key ``autostop = "box"`` left under the root, before the terminate: on a
+        volume that outlives the instance, every later instance on it could read it. Best effort
+        (the instance goes anyway); a key that could not be removed is said."""
+        key_name = self.capabilities.api_key_file
+        if not (self.capabilities.persistent_volumes and key_name and box.host):
+            return  # a disk that goes with the instance takes the key with it
+        from lenslab.remote.autostop import CONTAINER_DIR
+
+        key_file = f"{box.root.rstrip('/')}/{CONTAINER_DIR}/{key_name}"
+        try:
+            runner = self.connect(box, attempts=1)
+            try:
+                runner.run(f"rm -f {shlex.quote(key_file)}", check=True)
+            finally:
+                runner.close()
+        except LenslabError as exc:
+            self.warn(
+                f"could not remove the {self.name} API key from the volume ({exc.message}): {key_file} may still "
+                "hold it; delete it from the next instance on that volume, or revoke the key"
+            )
 
     def _closed(self, box_name: str, instance_id: str) -> None:
         """The instance is gone: its cost moves into what the box spent, and the log says so."""
@@ -280,9 +332,11 @@ class ContainerCloud(Provider):
         if current is None and not ledger.instance_id:
             return None
         price = current.price_per_hour if current and current.price_per_hour is not None else ledger.price_per_hour
-        created = current.created_at if current and current.created_at is not None else None
-        if created is None and ours:
-            created = ledger.launched_at
+        # Ours: the ledger's start (what budget_usd counts; RunPod's uptime restarts with the
+        # container). Found: the API's start, where it reports one.
+        created = ledger.launched_at if ours else None
+        if created is None and current is not None:
+            created = current.created_at
         hours = None if created is None else max(0.0, (time.time() - created) / 3600)
         return {
             "price_per_hour_usd": price,

@@ -9,7 +9,6 @@ launch; what differs between clouds comes from the provider's hooks (``_plan``, 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -18,7 +17,15 @@ from lenslab.errors import BootFailed, LenslabError, ProviderError
 from lenslab.providers import container_ledger as ledgers
 from lenslab.providers.base import OfferQuery, add_note
 from lenslab.providers.container_box import BOX_COMMAND, LaunchPlan, LaunchSpec, price_for
-from lenslab.providers.offers import RUNNING, STARTING, CloudNoCapacity, CloudOutcomeUnknown, Instance, Offer
+from lenslab.providers.offers import (
+    RUNNING,
+    STARTING,
+    TERMINATED,
+    CloudNoCapacity,
+    CloudOutcomeUnknown,
+    Instance,
+    Offer,
+)
 from lenslab.watch import events
 
 if TYPE_CHECKING:
@@ -95,10 +102,18 @@ class Launch:
             return None
         ledger = ledgers.read(provider.name, cfg.name)
         if ledger.instance_id != best.id:
-            # Found, not launched from here: its price is known, its start is not.
+            # Found, not launched from here: its price is known; its start is the API's where it
+            # has one, else now (counting it as free would blind budget_usd), and that is said.
+            launched_at = best.created_at
+            if launched_at is None:
+                launched_at = time.time()
+                provider.warn(
+                    f"instance {best.name} ({best.id}) was not launched from here and {provider.name} gives no "
+                    "start time: its cost counts from now"
+                )
             ledger = ledgers.Ledger(
                 instance_id=best.id, price_per_hour=best.price_per_hour or 0.0, gpu=best.gpu_name,
-                launched_at=best.created_at, spent_usd=ledger.spent_usd,
+                launched_at=launched_at, spent_usd=ledger.spent_usd,
             )  # fmt: skip
             ledgers.write(provider.name, cfg.name, ledger)
         if best.state == RUNNING and best.ssh_host and best.ssh_port:
@@ -124,7 +139,7 @@ class Launch:
         what = provider.describe(plan)
         if not provider.confirm(what):
             raise ProviderError(f"not launched: lenslab would {what}", "re-run with --yes to accept")
-        spec = LaunchSpec(name=cfg.alias, image=cfg.image, command=BOX_COMMAND, env=provider._env(cfg))
+        spec = LaunchSpec(name=cfg.alias, image=cfg.image, command=BOX_COMMAND, env=provider._env(cfg, price.per_hour))
         instance_id = self.create_once(plan, spec)
         spent = ledgers.read(provider.name, cfg.name).spent_usd
         ledger = ledgers.Ledger(
@@ -186,6 +201,8 @@ class Launch:
                 instance = self.api.instance(instance_id)
                 if instance is not None and instance.state == RUNNING and instance.ssh_host and instance.ssh_port:
                     return instance
+                if instance is None and not self.gone(instance_id):
+                    continue  # a listing lag right after the create: it is there after all
                 if instance is None or instance.state not in (RUNNING, STARTING):
                     reason = "vanished" if instance is None else f"went {instance.provider_status}"
                 elif provider.clock() >= deadline:
@@ -193,13 +210,7 @@ class Launch:
                 else:
                     provider.sleep(min(POLL_SECONDS, max(deadline - provider.clock(), 0.05)))
                     continue
-                with contextlib.suppress(LenslabError):
-                    self.api.remove(instance_id)
-                provider._closed(cfg.name, instance_id)
-                raise BootFailed(
-                    f"instance {name} ({instance_id}) {reason}; lenslab terminated it so it does not bill",
-                    "run `lenslab up` again, or choose another offer (`lenslab offers`)",
-                )
+                raise self.give_up(instance_id, name, reason)
         except BootFailed:
             raise
         except BaseException as exc:
@@ -209,6 +220,36 @@ class Launch:
             else:
                 provider.warn(note)
             raise
+
+    def gone(self, instance_id: str) -> bool:
+        """The instance is not listed, looked at a few times: a create may take a moment to list."""
+        for attempt in range(LOOKUP_ATTEMPTS):
+            if attempt:
+                self.provider.sleep(LOOKUP_INTERVAL_SECONDS)
+            found = self.api.instance(instance_id)
+            if found is not None and found.state != TERMINATED:
+                return False
+        return True
+
+    def give_up(self, instance_id: str, name: str, reason: str) -> BootFailed:
+        """Terminate a failed boot. The ledger is closed, and "does not bill" said, only when the
+        terminate went through or the instance is confirmed gone; else it stays for `down`."""
+        failed: LenslabError | None = None
+        try:
+            self.api.remove(instance_id)
+        except LenslabError as exc:
+            failed = exc
+        if failed is not None and not self.gone(instance_id):
+            return BootFailed(
+                f"instance {name} ({instance_id}) {reason}, and lenslab could not terminate it "
+                f"({failed.message}), so it may still bill",
+                "run `lenslab down` to terminate it",
+            )
+        self.provider._closed(self.cfg.name, instance_id)
+        return BootFailed(
+            f"instance {name} ({instance_id}) {reason}; lenslab terminated it so it does not bill",
+            "run `lenslab up` again, or choose another offer (`lenslab offers`)",
+        )
 
 
 def hourly(cfg: BoxConfig, offer: Offer) -> float:

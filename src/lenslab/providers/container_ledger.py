@@ -3,18 +3,20 @@
 One small JSON file per box (``~/.ssh/lenslab/<provider>-<box>.json``, chmod 600): the instance
 lenslab launched (id, $/hour, when), and what the box's earlier instances cost in all. It is
 written as soon as a create returns an id, so a failure right after still knows what bills;
-``terminate`` adds the instance's cost to ``spent_usd`` and forgets the instance. A missing or
-unreadable file only means lenslab knows less about cost: instances are still found by name.
+``terminate`` adds the instance's cost to ``spent_usd`` and forgets the instance. A missing file
+is an empty ledger; a broken one is refused (taken as empty, it would reset the budget's count).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lenslab import files
+from lenslab.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -49,15 +51,22 @@ def path(provider: str, box_name: str) -> Path:
 
 
 def read(provider: str, box_name: str) -> Ledger:
+    """The box's ledger; none yet is an empty one. A file that cannot be read or parsed is
+    refused: taking it as empty would reset what budget_usd has counted."""
+    file = path(provider, box_name)
     try:
-        raw = json.loads(path(provider, box_name).read_text())
-    except (OSError, ValueError):
+        raw = json.loads(file.read_text())
+    except FileNotFoundError:
         return Ledger()
+    except OSError as exc:
+        raise _broken(file, f"cannot read it ({exc.strerror})") from exc
+    except ValueError as exc:
+        raise _broken(file, "it is not JSON") from exc
     if not isinstance(raw, dict):
-        return Ledger()
+        raise _broken(file, "it is not a JSON object")
     try:
         launched = raw.get("launched_at")
-        return Ledger(
+        ledger = Ledger(
             instance_id=str(raw.get("instance_id") or ""),
             price_per_hour=float(raw.get("price_per_hour") or 0.0),
             gpu=str(raw.get("gpu") or ""),
@@ -67,8 +76,19 @@ def read(provider: str, box_name: str) -> Ledger:
             interruptible=bool(raw.get("interruptible")),
             on_demand_price=None if raw.get("on_demand_price") is None else float(raw["on_demand_price"]),
         )
-    except (TypeError, ValueError):  # a hand-edited file must not break `status`
-        return Ledger()
+    except (TypeError, ValueError) as exc:
+        raise _broken(file, "a field holds no number where one belongs") from exc
+    numbers = (ledger.price_per_hour, ledger.spent_usd, ledger.launched_at or 0.0, ledger.on_demand_price or 0.0)
+    if not all(0 <= n < math.inf for n in numbers):
+        raise _broken(file, "a number in it is negative or not finite")
+    return ledger
+
+
+def _broken(file: Path, why: str) -> ConfigError:
+    return ConfigError(
+        f"{file}: lenslab's record of this box's spending is broken ({why})",
+        "fix its JSON by hand, or delete it to count spending from zero (what it counted is then lost)",
+    )
 
 
 def write(provider: str, box_name: str, ledger: Ledger) -> None:

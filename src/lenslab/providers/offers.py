@@ -22,6 +22,7 @@ Only httpx is imported: this module is on the path of ``lenslab offers``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -261,8 +262,9 @@ class Shape:
         value = self._get(obj, key, where, optional)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise self.fail(f"{where}.{key}", f"expected a number >= 0, got {kind_of(value)}")
+        # NaN passes `< 0` and would make every budget comparison False: refuse non-finite too.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise self.fail(f"{where}.{key}", f"expected a finite number >= 0, got {kind_of(value)}")
         return float(value)
 
     def whole(self, obj: Mapping[str, Any], key: str, where: str, *, optional: bool = False) -> int | None:

@@ -6,8 +6,9 @@ machine off); "none" never. The watcher counts
 authenticated SSH sessions (VSCode's included), this box's training containers, GPU use and busy
 Jupyter kernels; after ``idle_minutes`` without any, or once ``budget_usd`` is spent, it stops
 training gracefully and acts. For a cloud box with ``autostop = "box"`` it terminates the
-instance itself (how: the provider's ``autostop_inputs``), so the API key is stored on the box,
-readable by root only; ``autostop =
+instance itself (how: the provider's ``autostop_inputs``), so the API key is stored on the box:
+readable by root only on a VM, by the box user on a container box (``lenslab down`` removes it
+from a volume that outlives the instance); ``autostop =
 "laptop"`` keeps the key off the box: the watcher then only checkpoints and records that the box
 is idle, and the next ``lenslab status`` on the laptop terminates it.
 
@@ -36,6 +37,10 @@ STATE_FILE = "/var/lib/lenslab/autostop.json"
 CONTAINER_SETTINGS = ".lenslab/autostop.json"
 CONTAINER_STATE = ".lenslab/autostop-state.json"
 CONTAINER_DIR = ".lenslab"
+# A container box's settings at create time, in the instance's environment: its watcher uses
+# them until the laptop writes the settings file (provision/autostop.py: ENV_SETTINGS).
+ENV_SETTINGS = "LENSLAB_AUTOSTOP"
+OFF = {"off": True}  # the settings file of a box with autostop = "off": create-time ones no longer apply
 GPU_UTIL_THRESHOLD_PCT = 5
 MAX_CHECK_SECONDS = 60.0
 
@@ -43,6 +48,11 @@ MAX_CHECK_SECONDS = 60.0
 def watcher_config(cfg: BoxConfig, box: Box, kind: str, extra: dict[str, Any]) -> dict[str, Any] | None:
     """The watcher's settings for this box, or None when it gets no watcher. ``kind`` is the
     provider's ``capabilities.autostop``; ``extra`` its ``autostop_inputs`` settings."""
+    return settings_for(cfg, box.name, kind, extra)
+
+
+def settings_for(cfg: BoxConfig, box_name: str, kind: str, extra: dict[str, Any]) -> dict[str, Any] | None:
+    """``watcher_config`` by the box's name: before the box exists (a container's create)."""
     if kind == "none" or cfg.autostop == "off":
         return None
     if kind == "poweroff" and not cfg.autostop_poweroff:
@@ -55,8 +65,8 @@ def watcher_config(cfg: BoxConfig, box: Box, kind: str, extra: dict[str, Any]) -
         "jupyter_url": f"http://127.0.0.1:{cfg.jupyter_port}",
         # This box's containers (an engine may hold others'); only its dev container carries
         # the Jupyter token.
-        "dev_label": f"{BOX_LABEL}={box.name}",
-        "box_label": f"{BOX_LABEL}={box.name}",
+        "dev_label": f"{BOX_LABEL}={box_name}",
+        "box_label": f"{BOX_LABEL}={box_name}",
         "state_file": STATE_FILE,
         "action": "poweroff" if kind == "poweroff" else "none",
     }
@@ -90,16 +100,13 @@ def install_in_container(
     key_file = f"{where}/{key_name}" if key_name else None
     if settings is None:
         # Settings first: without them the watcher does nothing, with or without a key; its old
-        # state would tell `lenslab status` of a watcher that no longer watches.
-        gone = " ".join(shlex.quote(f) for f in (settings_file, key_file, f"{base}/{CONTAINER_STATE}") if f)
+        # state would tell `lenslab status` of a watcher that no longer watches. "off" is
+        # written, not just the file removed: else the settings given at create time would apply.
+        gone = " ".join(shlex.quote(f) for f in (key_file, f"{base}/{CONTAINER_STATE}") if f)
         runner.run(f"rm -f {gone}", check=True)
+        _write_private(runner, settings_file, json.dumps(OFF).encode())
         return {"autostop": "off"}
-    settings = {
-        **settings,
-        "state_file": f"{base}/{CONTAINER_STATE}",
-        "box_command": ["lenslab-box", "--root", base],
-        "jupyter_token_file": f"{where}/jupyter-token",
-    }
+    settings = in_container(settings, base)
     if api_key and key_file:
         _write_private(runner, key_file, api_key.encode())
         settings["key_file"] = key_file
@@ -107,6 +114,18 @@ def install_in_container(
         runner.run(f"rm -f {shlex.quote(key_file)}", check=True)  # a key stays only while it is used
     _write_private(runner, settings_file, json.dumps(settings).encode())
     return {"autostop": "lenslab-box serve", "action": settings.get("action", "none")}
+
+
+def in_container(settings: dict[str, Any], root: str) -> dict[str, Any]:
+    """``settings`` with what a container box's watcher needs besides: where its state goes,
+    how it stops runs, where the Jupyter token is (all under the persistent ``root``)."""
+    base = root.rstrip("/") or "/"
+    return {
+        **settings,
+        "state_file": f"{base}/{CONTAINER_STATE}",
+        "box_command": ["lenslab-box", "--root", base],
+        "jupyter_token_file": f"{base}/{CONTAINER_DIR}/jupyter-token",
+    }
 
 
 def _write_private(runner: Runner, path: str, data: bytes) -> None:

@@ -71,7 +71,7 @@ def ask(runner: Runner, root: str, *args: str) -> Any:
         raise BoxCommandFailed(f"{BOX_COMMAND} {args[0]} failed on the box: {line}", result.exit_status)
     try:
         return json.loads(result.stdout[:MAX_REPLY_BYTES])
-    except ValueError:
+    except (ValueError, RecursionError):  # deeply nested JSON raises RecursionError, not ValueError
         raise RemoteError(f"{BOX_COMMAND} {args[0]} printed no JSON: {text(result.stdout, 120)!r}") from None
 
 
@@ -96,7 +96,7 @@ def supervisor_facts(raw: object) -> dict[str, Any] | None:
     return {
         "state": state,
         "exit_code": _int(raw.get("last_exit_code")),
-        "restarts": _int(raw.get("restarts")) or 0,
+        "restarts": max(_int(raw.get("restarts")) or 0, 0),  # a negative count is no count
         "created": launched or 0.0,
         "launched": launched is not None,
     }
@@ -223,7 +223,12 @@ class ProcessLab:
         answer = self._ask("jupyter", "--json", "--port", str(self.jupyter_port))
         port = _int(answer.get("port")) if isinstance(answer, dict) else None
         token = answer.get("token") if isinstance(answer, dict) else None
-        if port is None or not 0 < port < 65536 or not isinstance(token, str) or not token.isalnum():
+        if (
+            port is None
+            or not 0 < port < 65536
+            or not isinstance(token, str)
+            or not (token.isascii() and token.isalnum())
+        ):
             raise RemoteError(f"{BOX_COMMAND} jupyter answered no port and token: {text(answer, 120)!r}")
         return port, token
 

@@ -140,7 +140,11 @@ class SSHLink:
         atomically, in chunks, so a large file never sits in memory (plain shell: no SFTP)."""
         path = shlex.quote(remote_path)
         tmp = shlex.quote(remote_path + ".lenslab-tmp")
-        command = f'mkdir -p "$(dirname {path})" && cat > {tmp} && chmod {mode:o} {tmp} && mv -f {tmp} {path}'
+        # umask 077 in a subshell: the file is private from its first byte (a secret is never
+        # briefly readable by others, nor left so by an interrupted upload); chmod then widens it.
+        command = (
+            f'mkdir -p "$(dirname {path})" && (umask 077 && cat > {tmp}) && chmod {mode:o} {tmp} && mv -f {tmp} {path}'
+        )
         with open_source(source) as reader:
             status, err = self._stream(command, stdin=reader, stdout=None)
         if status != 0:

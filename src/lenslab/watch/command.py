@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 def watchable(cfg: Config) -> ContainerCloud:
     """The box's provider, able to relaunch without asking (running `lenslab watch` is the
     consent, within budget_usd); one line when its boxes cannot be watched."""
+    from lenslab import runmirror
     from lenslab.errors import ConfigError
     from lenslab.providers.base import provider_for
     from lenslab.providers.container_cloud import ContainerCloud
@@ -24,6 +25,12 @@ def watchable(cfg: Config) -> ContainerCloud:
             f"lenslab watch keeps cloud boxes rented by the hour going; box {cfg.box.name} is {cfg.box.provider}",
             "use it with a provider that has interruptible instances (`lenslab offers --interruptible`)",
         )
+    if cfg.box.budget_usd is None:  # every relaunch spends with no one asked: it needs a cap
+        raise ConfigError(
+            f"lenslab watch relaunches box {cfg.box.name} with no one to ask, so it needs a cap on spending",
+            "set budget_usd (dollars) in [box] of lenslab.toml, then watch again",
+        )
+    runmirror.mirror_env(cfg.box)  # the restarts upload the mirror's credentials: they must be set here
     return provider
 
 
@@ -42,7 +49,7 @@ def foreground(
     from lenslab.watch.state import BUDGET, RECOVERING, WATCHING, WatchedRun
     from lenslab.watch.watcher import Watcher
 
-    watcher = Watcher(cfg, provider, LabRuns(cfg), say=say, poll_seconds=poll)
+    watcher = Watcher(cfg, provider, LabRuns(cfg, say=say), say=say, poll_seconds=poll)
     st = watcher.state
     if not st.instance and provider.current(cfg.box) is None:
         raise ProviderError(f"box {cfg.box.name} is not running", "start it with `lenslab up`, then watch it")

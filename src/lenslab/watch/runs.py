@@ -6,20 +6,20 @@ is `lenslab train` again with the same run file and name: the run resumes from i
 checkpoint on the persistent root (or the mirror), exactly.
 
 Runs found unfinished on the box are added to the watcher's record, with a copy of the run
-file `lenslab train` uploaded (``runs-config/<name>/`` on the persistent root), so a watcher
-that was told about no run still restarts every run it found.
+file `lenslab train` uploaded (``runs-config/<name>/`` on the persistent root; ``runcopy``), so
+a watcher that was told about no run still restarts every run it found.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from lenslab.errors import LenslabError
-from lenslab.watch.state import WatchedRun, WatchState, directory
+from lenslab.watch.runcopy import copy_run_file
+from lenslab.watch.state import WatchedRun, WatchState
 
 if TYPE_CHECKING:
     from lenslab.config import Config
@@ -49,8 +49,8 @@ class RunControl(Protocol):
 class LabRuns:
     """``RunControl`` through the lab backend of ``lenslab train``."""
 
-    def __init__(self, cfg: Config, attempts: int = 1) -> None:
-        self.cfg, self.attempts = cfg, attempts
+    def __init__(self, cfg: Config, attempts: int = 1, say: Callable[[str], None] = print) -> None:
+        self.cfg, self.attempts, self.say = cfg, attempts, say
 
     def _lab(self) -> contextlib.AbstractContextManager[LabBackend]:
         from lenslab.remote.labs import open_lab
@@ -85,7 +85,7 @@ class LabRuns:
         if known is None:
             if run_state in DONE_STATES:
                 return
-            known = WatchedRun(name=name, run_file=_copy_run_file(lab, state.box, name))
+            known = WatchedRun(name=name, run_file=copy_run_file(lab, state.box, name, self.say))
             state.runs.append(known)
         step = status.get("step")
         if isinstance(step, int):
@@ -93,7 +93,7 @@ class LabRuns:
         known.finished = run_state in DONE_STATES
 
     def restart(self, state: WatchState) -> dict[str, int | None]:
-        from lenslab import runfile
+        from lenslab import runfile, runstart
         from lenslab.remote.training import RunAlreadyRunning
 
         resumed: dict[str, int | None] = {}
@@ -101,10 +101,11 @@ class LabRuns:
             for run in state.unfinished():
                 if not run.run_file:
                     continue  # found on the box without a run file: nothing to start it from
+                # Started as `lenslab train` starts it (the box's mirror and its credentials too).
                 # Already running: the box's supervisor restarted it (a resumed instance), or an
                 # earlier watcher did before it was killed.
                 with contextlib.suppress(RunAlreadyRunning):
-                    lab.start_run(runfile.load(Path(run.run_file), run.name))
+                    runstart.start_run(lab, runfile.load(Path(run.run_file), run.name), self.cfg.box)
                 status = lab.wait_started(run.name, START_WAIT_SECONDS)
                 step = status.get("resumed_from_step")
                 resumed[run.name] = step if isinstance(step, int) else None
@@ -125,23 +126,3 @@ class _Quiet:
     @contextlib.contextmanager
     def step(self, text: str) -> Iterator[None]:
         yield
-
-
-def _copy_run_file(lab: LabBackend, box: str, name: str) -> str:
-    """A local copy of what `lenslab train` uploaded for ``name`` (the run file and what it
-    names beside it, such as a local dataset); its run file, or "" when there is none."""
-    remote = f"{lab.lab.root}/runs-config/{name}"
-    listed = lab.runner.run(f"cd {shlex.quote(remote)} && find . -type f")
-    found = [line.removeprefix("./") for line in listed.stdout.splitlines() if line.startswith("./")]
-    tomls = sorted(f for f in found if f.endswith(".toml") and "/" not in f)
-    if listed.exit_status != 0 or not tomls:
-        return ""
-    local = directory() / box / "runs-config" / name
-    for entry in found:
-        if ".." in entry.split("/"):
-            continue  # a path that would leave the copy: never written
-        target = local / entry
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.suppress(LenslabError, OSError):
-            lab.runner.get(f"{remote}/{entry}", target)
-    return str(local / tomls[0])

@@ -6,9 +6,9 @@ keep going (with the local copy of each run file) and their last known steps. Ev
 spends is written down *before* it is taken, and every launch is found again by the instance's
 name (``lenslab-<box>``), so a watcher killed between the two launches nothing twice.
 
-``<state dir>/watch/<project>.lock`` is held (``flock``) by the one watcher of a project for as
-long as it lives; ``<project>.pid`` names it for ``lenslab watch --stop``; ``<project>.log`` is a
-detached watcher's log.
+``<state dir>/watch/<box>.lock`` is held (``flock``) by the one watcher of a box (whatever
+project names it) for as long as it lives; ``<box>.pid`` names it for ``lenslab watch --stop``;
+``<box>.log`` is a detached watcher's log.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class WatchState:
     preempted_at: float | None = None  # epoch seconds, while RECOVERING
     preempted_state: str = ""  # what was seen: preempted, stopped, terminated, unreachable
     last_reachable: float | None = None
+    failed_knocks: int = 0  # SSH knocks failed in a row
+    unreachable_for: float = 0.0  # seconds of polling those knocks spanned (a sleep not counted)
+    last_knock: float | None = None  # when the last failed knock was
     resume_asked_at: float | None = None
     recoveries: int = 0
     restart_pending: bool = False  # back after a preemption: the runs are still to be restarted
@@ -89,43 +92,43 @@ def save(state: WatchState) -> None:
     files.write_atomic(path(state.box), json.dumps(asdict(state), indent=1, sort_keys=True), 0o600)
 
 
-def lock_path(project: str) -> Path:
-    return directory() / f"{project}.lock"
+def lock_path(box: str) -> Path:
+    return directory() / f"{box}.lock"
 
 
-def pid_path(project: str) -> Path:
-    return directory() / f"{project}.pid"
+def pid_path(box: str) -> Path:
+    return directory() / f"{box}.pid"
 
 
-def log_path(project: str) -> Path:
-    return directory() / f"{project}.log"
+def log_path(box: str) -> Path:
+    return directory() / f"{box}.log"
 
 
 class AlreadyWatching(LenslabError):
     pass
 
 
-def take_lock(project: str) -> IO[Any]:
-    """Hold the project's watcher lock for the life of this process (one watcher per project);
-    the lock is the kernel's, so a watcher killed with SIGKILL leaves it free."""
+def take_lock(box: str) -> IO[Any]:
+    """Hold the box's watcher lock for the life of this process (one watcher per box, whatever
+    project names it); the lock is the kernel's, so a watcher killed with SIGKILL leaves it free."""
     directory().mkdir(mode=0o700, parents=True, exist_ok=True)
-    handle = lock_path(project).open("a+")
+    handle = lock_path(box).open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        pid = read_pid(project)
+        pid = read_pid(box)
         raise AlreadyWatching(
-            f"a watcher for project {project} is already running{f' (pid {pid})' if pid else ''}",
+            f"a watcher for box {box} is already running{f' (pid {pid})' if pid else ''}",
             "see its log with `lenslab watch --log`, or stop it with `lenslab watch --stop`",
         ) from None
-    files.write_atomic(pid_path(project), f"{os.getpid()}\n", 0o600)
+    files.write_atomic(pid_path(box), f"{os.getpid()}\n", 0o600)
     return handle
 
 
-def is_locked(project: str) -> bool:
+def is_locked(box: str) -> bool:
     try:
-        with lock_path(project).open("a+") as handle:
+        with lock_path(box).open("a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(handle, fcntl.LOCK_UN)
     except FileNotFoundError:
@@ -135,7 +138,7 @@ def is_locked(project: str) -> bool:
     return False
 
 
-def read_pid(project: str) -> int | None:
+def read_pid(box: str) -> int | None:
     with contextlib.suppress(OSError, ValueError):
-        return int(pid_path(project).read_text().strip())
+        return int(pid_path(box).read_text().strip())
     return None

@@ -2,8 +2,10 @@
 
 Every ``poll_seconds`` (15 s) it asks the provider for the box's instance and knocks on its
 SSH port. The instance is *lost* when the provider says it stopped, was preempted (a spot pod
-exited, a bid instance was outbid), was terminated or is gone, or when its SSH port has not
-answered for ``unreachable_seconds`` (45 s): a preemption is noticed within a minute.
+exited, a bid instance was outbid), was terminated or is gone, or when its SSH port has failed
+``MIN_FAILED_KNOCKS`` knocks in a row spanning ``unreachable_seconds`` (45 s) of polling seen
+here: a preemption is noticed within a minute, and a laptop that slept (its clock jumped, its
+Wi-Fi still reconnecting) never counts the sleep as time the box did not answer.
 
 Then it recovers: where the provider keeps the instance (``capabilities.stop_resume``) it asks
 for it back (RunPod ``podBidResume``/``podResume``, vast.ai ``start``/a new bid) and waits for
@@ -44,13 +46,16 @@ if TYPE_CHECKING:
 
 POLL_SECONDS = 15.0
 UNREACHABLE_SECONDS = 45.0
+# Failed knocks in a row before an instance the API calls running is given up: never one alone.
+MIN_FAILED_KNOCKS = 3
+KNOCK_TIMEOUT = 5.0
 RECOVERY_POLL_SECONDS = 3.0
 RESUME_RETRY_SECONDS = 30.0  # how often a resume the provider refused (no free GPU) is asked again
 OBSERVE_EVERY = 4  # polls between looks at the runs (each opens an SSH connection)
 _NOT_ASKED = object()  # the provider did not answer: nothing is decided this poll
 
 
-def ssh_answers(host: str | None, port: int | None, timeout: float = 5.0) -> bool:
+def ssh_answers(host: str | None, port: int | None, timeout: float = KNOCK_TIMEOUT) -> bool:
     """Whether an SSH server greets on host:port (no login: cheap, and needs no key)."""
     if not host or not port:
         return False
@@ -137,7 +142,7 @@ class Watcher:
 
     def _lost(self, instance: Instance | None) -> str | None:
         """Why the instance is lost, or None while it is (or may still be) fine."""
-        st, now = self.state, self.clock()
+        st = self.state
         if instance is None:
             return "terminated" if st.instance or st.last_reachable is not None else None
         if instance.state in (PREEMPTED, STOPPED):
@@ -145,12 +150,27 @@ class Watcher:
         if st.instance and instance.id != st.instance and instance.state == RUNNING:
             st.instance = instance.id  # replaced outside the watcher (`lenslab up`): watch that one
         if instance.state == RUNNING and self.reachable(instance.ssh_host, instance.ssh_port):
-            st.last_reachable, st.instance = now, instance.id
+            st.last_reachable, st.instance = self.clock(), instance.id
+            st.failed_knocks, st.unreachable_for = 0, 0.0
             return None
+        return self._unanswered(instance)
+
+    def _unanswered(self, instance: Instance) -> str | None:
+        """One more failed knock; why the instance is lost once enough of them were seen.
+
+        Only polling seen here counts: the first failure starts the clock at zero, and each later
+        one adds the time since the one before, at most one poll (and its knock): a laptop that
+        slept between two knocks adds no more than that, however long it slept."""
+        st, now = self.state, self.clock()
         if st.last_reachable is None:
-            st.last_reachable = now  # first sight: it gets the full grace to answer
-        if now - st.last_reachable >= self.unreachable_seconds:
-            return f"unreachable for {now - st.last_reachable:.0f} s ({instance.provider_status})"
+            st.last_reachable = now  # seen once: should it vanish now, it was lost
+        if st.failed_knocks and st.last_knock is not None:
+            st.unreachable_for += min(max(now - st.last_knock, 0.0), self.poll_seconds + KNOCK_TIMEOUT)
+        st.failed_knocks += 1
+        st.last_knock = now
+        if st.failed_knocks >= MIN_FAILED_KNOCKS and st.unreachable_for >= self.unreachable_seconds:
+            return (f"unreachable for {st.unreachable_for:.0f} s, {st.failed_knocks} knocks in a row "
+                    f"({instance.provider_status})")  # fmt: skip
         return None
 
     def _healthy(self, instance: Instance) -> None:
@@ -248,6 +268,7 @@ class Watcher:
         down = self.clock() - (st.preempted_at or self.clock())
         ledger = ledgers.read(self.provider.name, self.box.name)
         st.phase, st.instance, st.last_reachable, st.preempted_at = WATCHING, instance_id, self.clock(), None
+        st.failed_knocks, st.unreachable_for = 0, 0.0
         st.recoveries += 1
         st.restart_pending = True
         self._save()

@@ -24,6 +24,8 @@ JUPYTER_FILE = "jupyter.json"
 JUPYTER_TOKEN_FILE = "jupyter-token"
 JUPYTER_MARKER = "jupyter"
 JUPYTER_START_SECONDS = 60.0
+# Unprivileged ports only: Jupyter runs as the box's user.
+JUPYTER_PORTS = range(1024, 65536)
 
 
 def gpus() -> tuple[list[dict[str, Any]], str | None]:
@@ -140,7 +142,12 @@ def runs(root: Path) -> list[dict[str, Any]]:
 
 
 def jupyter(root: Path, port: int) -> dict[str, Any]:
-    """A Jupyter server on 127.0.0.1 (started when none runs); its port and token."""
+    """A Jupyter server on 127.0.0.1 (started when none runs); its port and token.
+
+    A port some other process already listens on is not Jupyter's: the token must not go
+    there, so a new server takes a free port instead."""
+    if port not in JUPYTER_PORTS:
+        raise BoxError(f"--port {port} is not a port Jupyter can use: pick one from 1024 to 65535", 2)
     where = state_dir(root)
     where.mkdir(parents=True, exist_ok=True)
     token_file = where / JUPYTER_TOKEN_FILE
@@ -151,22 +158,55 @@ def jupyter(root: Path, port: int) -> dict[str, Any]:
     os.chmod(token_file, 0o600)
     token = token_file.read_text().strip()
     known = read_json(where / JUPYTER_FILE)
-    if isinstance(known, dict) and alive(known.get("pid"), JUPYTER_MARKER) and isinstance(known.get("port"), int):
+    if isinstance(known, dict) and isinstance(known.get("port"), int) and _ours(known.get("pid"), known["port"]):
         return {"port": known["port"], "token": token, "started": False}
-    command = [str(Path(sys.executable).with_name("jupyter")), "lab", "--no-browser", "--ip=127.0.0.1",
-               f"--port={port}", f"--ServerApp.root_dir={root}"]  # fmt: skip
+    if _listening(port):
+        port = _free_port()
     with open(where / "jupyter.log", "ab") as log:
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                 env={**os.environ, "JUPYTER_TOKEN": token}, cwd=root)  # fmt: skip
+        env = {**os.environ, "JUPYTER_TOKEN": token}
+        child = subprocess.Popen(jupyter_command(root, port), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 start_new_session=True, env=env, cwd=root)  # fmt: skip
     write_json(where / JUPYTER_FILE, {"pid": child.pid, "port": port})
     deadline = time.monotonic() + JUPYTER_START_SECONDS
-    while not _listening(port):
+    while not listens(child.pid, port):
         if child.poll() is not None:
             raise BoxError(f"jupyter exited at once ({child.returncode}); see {where / 'jupyter.log'}")
         if time.monotonic() > deadline:
             raise BoxError(f"jupyter did not listen on 127.0.0.1:{port} within {JUPYTER_START_SECONDS:.0f}s")
         time.sleep(0.2)
     return {"port": port, "token": token, "started": True}
+
+
+def jupyter_command(root: Path, port: int) -> list[str]:
+    return [str(Path(sys.executable).with_name("jupyter")), "lab", "--no-browser", "--ip=127.0.0.1",
+            f"--port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}"]  # fmt: skip
+
+
+def _ours(pid: object, port: int) -> bool:
+    return alive(pid, JUPYTER_MARKER) and isinstance(pid, int) and listens(pid, port)
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself holds the socket listening on 127.0.0.1:``port``."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 9 and fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    try:
+        return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    """A port nothing listens on now (the kernel's pick); Jupyter fails rather than move on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _listening(port: int) -> bool:

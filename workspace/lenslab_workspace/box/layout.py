@@ -6,7 +6,9 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,3 +108,30 @@ def alive(pid: object, marker: str) -> bool:
     if stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]:
         return False
     return marker.encode() in cmdline
+
+
+def start_ticks(pid: object) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), None when it is gone or a zombie."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[:1] == ["Z"] or len(fields) < 20 or not fields[19].isdigit():
+        return None
+    return int(fields[19])
+
+
+def stop_process(pid: int, ticks: int, timeout: float) -> None:
+    """SIGTERM (it checkpoints), then SIGKILL after ``timeout``; the same process only."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while start_ticks(pid) == ticks:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        else:
+            return

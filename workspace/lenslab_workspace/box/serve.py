@@ -28,20 +28,34 @@ from lenslab_workspace.box.layout import BoxError, prepare, state_dir
 
 DEFAULT_SSH_PORT = 2222
 SSHD = "/usr/sbin/sshd"
-_KEY_LINE = re.compile(r"(ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+( [ -~]{0,200})?")
+# A key type, its base64 blob and an optional comment: OpenSSH takes any text without a
+# newline or NUL as the comment (``José@laptop`` included); control characters are refused here.
+_KEY_LINE = re.compile(r"(ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+( [^\x00-\x1f\x7f]{0,200})?")
 _PR_SET_CHILD_SUBREAPER = 36
+# Seconds before each new start of an sshd that keeps exiting; one that ran this long is healthy.
+SSHD_BACKOFF_SECONDS = (1, 2, 4, 8, 16, 32, 60)
+SSHD_HEALTHY_SECONDS = 60.0
 
 
 def public_keys() -> list[str]:
-    """The authorized_keys lines the provider passed (LENSLAB_PUBLIC_KEY, or RunPod's PUBLIC_KEY)."""
+    """The authorized_keys lines the provider passed (LENSLAB_PUBLIC_KEY, or RunPod's PUBLIC_KEY).
+
+    LENSLAB_PUBLIC_KEY is lenslab's own key: a bad line is an error. PUBLIC_KEY is RunPod's
+    account-wide list, which lenslab does not control: a bad line there is skipped with a
+    warning, since refusing it would leave a billing pod nobody can reach.
+    """
     found = []
     for var in ("LENSLAB_PUBLIC_KEY", "PUBLIC_KEY"):
-        for line in os.environ.get(var, "").replace("\\n", "\n").splitlines():
+        lines = os.environ.get(var, "").replace("\\n", "\n").splitlines()
+        for number, line in enumerate(lines, 1):
             line = line.strip()
             if not line:
                 continue
-            if not _KEY_LINE.fullmatch(line):
-                raise BoxError(f"{var} holds something that is not an OpenSSH public key line", 2)
+            if not _KEY_LINE.fullmatch(line) or not line.isprintable():
+                if var == "LENSLAB_PUBLIC_KEY":
+                    raise BoxError(f"{var} holds something that is not an OpenSSH public key line", 2)
+                _say(f"warning: skipped line {number} of {var}: not an OpenSSH public key line")
+                continue
             if line not in found:
                 found.append(line)
     return found
@@ -90,12 +104,18 @@ class Server:
         self.root = root
         self.stopping = False
         self.sshd: subprocess.Popen[bytes] | None = None
+        self.sshd_started = 0.0
+        self.sshd_due: float | None = None  # when to start an exited sshd again
+        self.sshd_failures = 0
         self.watcher = watcher.Watcher(root)  # idle and budget: stops the instance
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
 
     def run(self) -> int:
+        if os.getuid() == 0:
+            # sshd_config allows no root login: as root nobody could log in.
+            raise BoxError("serve runs as the image's unprivileged user, not root; set USER in the image", 2)
         keys = public_keys()
         port = ssh_port()
         with contextlib.suppress(OSError, AttributeError):
@@ -107,22 +127,39 @@ class Server:
             _say("no LENSLAB_PUBLIC_KEY or PUBLIC_KEY set: nobody can log in over SSH")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        self.sshd = self._start_sshd(config)
+        self._start_sshd(config)
         resumed = supervisor.resume_desired(self.root)
         if resumed:
             _say(f"resumed runs: {', '.join(resumed)}")
         while not self.stopping:
             self._reap()
             self.watcher.ensure()
-            if self.sshd.poll() is not None and not self.stopping:
-                _say(f"sshd exited ({self.sshd.returncode}); starting it again")
-                time.sleep(1)
-                self.sshd = self._start_sshd(config)
+            self.keep_sshd(config, time.monotonic())
             time.sleep(0.5)
         return self._shutdown()
 
-    def _start_sshd(self, config: Path) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL)
+    def keep_sshd(self, config: Path, now: float) -> None:
+        """Start sshd again once it exited, after a delay that doubles while it keeps exiting
+        (a broken config must not spin, nor fill the log)."""
+        if self.stopping or self.sshd is None:
+            return
+        if self.sshd_due is not None:
+            if now >= self.sshd_due:
+                self._start_sshd(config, now)
+            return
+        if self.sshd.poll() is None:
+            return
+        if now - self.sshd_started >= SSHD_HEALTHY_SECONDS:
+            self.sshd_failures = 0
+        delay = SSHD_BACKOFF_SECONDS[min(self.sshd_failures, len(SSHD_BACKOFF_SECONDS) - 1)]
+        self.sshd_failures += 1
+        _say(f"sshd exited ({self.sshd.returncode}); starting it again in {delay}s")
+        self.sshd_due = now + delay
+
+    def _start_sshd(self, config: Path, now: float | None = None) -> None:
+        self.sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL)
+        self.sshd_started = time.monotonic() if now is None else now
+        self.sshd_due = None
 
     def _reap(self) -> None:
         while True:

@@ -9,20 +9,32 @@ replaced atomically under a lock:
     desired         "running" or "stopped": a box that starts again (``serve``) restarts the
                     runs that are still meant to run
     supervisor_pid, trainer_pid, launched_at (when the current trainer started)
+    trainer_start_ticks (the trainer's start time in /proc ticks: a pid alone may be reused)
     restarts, last_exit_code, phase ("running", "restarting", "exited")
+
+One run, one trainer: ``start`` and ``stop`` hold ``.start.lock`` from their check to the
+supervisor's report (a stop during a start waits for it, then stops the run), and the
+supervisor holds ``.run.lock`` for its life and passes it to each trainer, so a second
+supervisor refuses while either lives. A trainer dies with its supervisor (SIGTERM: it
+checkpoints); one left over all the same is found by its recorded pid and start time and
+stopped before a new start.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 from lenslab.contract import (
     EXIT_FINISHED,
@@ -41,6 +53,8 @@ from lenslab_workspace.box.layout import (
     locked,
     read_json,
     run_dir,
+    start_ticks,
+    stop_process,
     write_json,
 )
 
@@ -50,6 +64,10 @@ NOT_CRASHES = (EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_USAGE)
 EXIT_ALREADY_RUNNING = 8
 SPAWN_TIMEOUT_SECONDS = 15.0
 _BACKOFF_SECONDS = (1, 2, 4, 8, 10)
+RUN_LOCK = ".run.lock"
+# How long a new supervisor waits for the run lock (a stopped trainer's children closing it).
+RUN_LOCK_WAIT_SECONDS = 5.0
+_PR_SET_PDEATHSIG = 1
 
 
 def state_file(root: Path, name: str) -> Path:
@@ -96,12 +114,29 @@ def start(root: Path, name: str, run_file: Path, *, resume: bool = False) -> dic
     if named is not None and named != name:
         # lenslab-train keeps the run under the file's name: the supervisor would watch another run.
         raise BoxError(f"run file {run_file} names run {named!r}, not {name!r}; set name = {name!r} in it", EXIT_USAGE)
-    if is_alive(read_state(root, name), name):
-        raise BoxError(f"run {name} is already running", EXIT_ALREADY_RUNNING)
     run_dir(root, name).mkdir(parents=True, exist_ok=True)
-    restarts = read_state(root, name).get("restarts", 0) if resume else 0
-    update_state(root, name, run=name, run_file=str(run_file.resolve()), desired="running", supervisor_pid=None,
-                 trainer_pid=None, restarts=restarts if isinstance(restarts, int) else 0, phase="starting")  # fmt: skip
+    # From the check to the supervisor's report: a second start waits, then finds it alive.
+    with _starting(root, name):
+        state = read_state(root, name)
+        if is_alive(state, name):
+            raise BoxError(f"run {name} is already running", EXIT_ALREADY_RUNNING)
+        if _stop_orphan(root, name, state):
+            _say(root, name, "stopped the trainer its dead supervisor had left running")
+        if not _run_lock_free(root, name):
+            raise BoxError(f"run {name} is already running (a process holds its {RUN_LOCK})", EXIT_ALREADY_RUNNING)
+        restarts = state.get("restarts", 0) if resume else 0
+        restarts = restarts if isinstance(restarts, int) else 0
+        update_state(root, name, run=name, run_file=str(run_file.resolve()), desired="running", supervisor_pid=None,
+                     trainer_pid=None, restarts=restarts, phase="starting")  # fmt: skip
+        return _spawn_supervisor(root, name, run_file)
+
+
+def _starting(root: Path, name: str) -> Any:
+    """The lock (``.start.lock``) that start and stop hold from their check to their end."""
+    return locked(run_dir(root, name) / "start")
+
+
+def _spawn_supervisor(root: Path, name: str, run_file: Path) -> dict[str, Any]:
     with _console(root, name) as console:
         child = subprocess.Popen(
             [sys.executable, "-m", SUPERVISE_MARKER, "--root", str(root), "supervise", name, str(run_file.resolve())],
@@ -120,6 +155,41 @@ def start(root: Path, name: str, run_file: Path, *, resume: bool = False) -> dic
             raise BoxError(f"the supervisor of run {name} exited at once ({child.returncode}); see {CONSOLE_FILE}")
         time.sleep(0.05)
     raise BoxError(f"the supervisor of run {name} did not report in within {SPAWN_TIMEOUT_SECONDS:.0f}s")
+
+
+def _run_lock_free(root: Path, name: str) -> bool:
+    """Whether no supervisor or trainer of the run holds its lock (waiting a little for one
+    that was just stopped: its children close the lock as they exit)."""
+    handle = _take_run_lock(root, name)
+    if handle is None:
+        return False
+    handle.close()
+    return True
+
+
+def _take_run_lock(root: Path, name: str) -> IO[str] | None:
+    """The run's lock, held while the returned file is open (in this process or a trainer)."""
+    handle = open(run_dir(root, name) / RUN_LOCK, "a")  # noqa: SIM115 - it outlives this function
+    deadline = time.monotonic() + RUN_LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                handle.close()
+                return None
+        time.sleep(0.1)
+
+
+def _stop_orphan(root: Path, name: str, state: dict[str, Any]) -> bool:
+    """Stop the recorded trainer when it still runs (its supervisor died); whether it ran."""
+    pid, ticks = state.get("trainer_pid"), state.get("trainer_start_ticks")
+    if ticks is None or start_ticks(pid) != ticks:
+        return False
+    stop_process(int(str(pid)), int(ticks), STOP_TIMEOUT_SECONDS)
+    update_state(root, name, trainer_pid=None, phase="exited")
+    return True
 
 
 def _file_run_name(run_file: Path) -> object:
@@ -151,6 +221,7 @@ class Supervisor:
         self.root, self.name, self.run_file = root, name, run_file
         self.trainer: subprocess.Popen[bytes] | None = None
         self.stopping = False
+        self.lock: IO[str] | None = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Whoever stops the supervisor (`lenslab-box stop`, the container stopping) wants a
@@ -162,11 +233,15 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        self.lock = _take_run_lock(self.root, self.name)
+        if self.lock is None:
+            self._say(f"another supervisor or trainer of this run holds {RUN_LOCK}; not starting a second one")
+            return EXIT_ALREADY_RUNNING
         state = update_state(self.root, self.name, supervisor_pid=os.getpid())
         restarts = int(state.get("restarts") or 0)
         while True:
             code = self._launch_and_wait()
-            if self.stopping or code in NOT_CRASHES:
+            if code is None or self.stopping or code in NOT_CRASHES:
                 break
             if restarts >= MAX_RESTARTS:
                 self._say(f"trainer crashed (exit {code}) after {restarts} restarts; not restarting it")
@@ -184,12 +259,31 @@ class Supervisor:
         update_state(self.root, self.name, phase="exited", trainer_pid=None)
         return 0
 
-    def _launch_and_wait(self) -> int:
-        with _console(self.root, self.name) as console:
-            self.trainer = subprocess.Popen(
-                trainer_command(self.root, self.run_file), stdin=subprocess.DEVNULL, stdout=console, stderr=console
-            )
-        update_state(self.root, self.name, trainer_pid=self.trainer.pid, launched_at=time.time(), phase="running")
+    def _spawn_if_desired(self) -> subprocess.Popen[bytes] | None:
+        """The trainer, launched only while the run is still meant to run: ``desired`` is read
+        and the trainer recorded under the state lock, so a stop is seen here or finds the trainer."""
+        assert self.lock is not None
+        path = state_file(self.root, self.name)
+        die_with_me = _die_with_parent(os.getpid())
+        with locked(path):
+            state = read_state(self.root, self.name)
+            if self.stopping or state.get("desired") != "running":
+                return None
+            with _console(self.root, self.name) as console:
+                trainer = subprocess.Popen(
+                    trainer_command(self.root, self.run_file), stdin=subprocess.DEVNULL, stdout=console,
+                    stderr=console, pass_fds=(self.lock.fileno(),), preexec_fn=die_with_me,
+                )  # fmt: skip
+            state.update(trainer_pid=trainer.pid, trainer_start_ticks=start_ticks(trainer.pid),
+                         launched_at=time.time(), phase="running", updated_at=time.time())  # fmt: skip
+            write_json(path, state)
+        return trainer
+
+    def _launch_and_wait(self) -> int | None:
+        """The trainer's exit code, or None when the run is no longer meant to run."""
+        self.trainer = self._spawn_if_desired()
+        if self.trainer is None:
+            return None
         if self.stopping:  # a signal that came before the trainer existed
             self.trainer.send_signal(signal.SIGTERM)
         deadline: float | None = None
@@ -214,27 +308,50 @@ class Supervisor:
             time.sleep(0.1)
 
     def _say(self, text: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with _console(self.root, self.name) as console:
-            console.write(f"{stamp} SUPERVISOR {self.name}: {text}\n".encode())
+        _say(self.root, self.name, text)
+
+
+def _say(root: Path, name: str, text: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with _console(root, name) as console:
+        console.write(f"{stamp} SUPERVISOR {name}: {text}\n".encode())
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec for the trainer: SIGTERM (a checkpoint) when the supervisor dies, even by
+    SIGKILL, so no trainer outlives it unwatched (Linux; elsewhere the recorded pid serves)."""
+    try:
+        prctl: Any = ctypes.CDLL(None, use_errno=True).prctl  # loaded before the fork
+    except (OSError, AttributeError):
+        prctl = None
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def stop(root: Path, name: str, timeout: float = STOP_TIMEOUT_SECONDS + 15) -> dict[str, Any]:
-    """Stop the run gracefully and wait for its supervisor; what happened, for the laptop."""
+    """Stop the run gracefully and wait for its supervisor; what happened, for the laptop.
+    A start under way is waited for (its lock), then stopped like any running run."""
     check_name(name)
-    state = read_state(root, name)
-    if not is_alive(state, name):
+    if not run_dir(root, name).is_dir():
+        return {"run": name, "was_running": False, "exit_code": None}
+    with _starting(root, name):
+        state = read_state(root, name)
         if state:
             update_state(root, name, desired="stopped")
-        return {"run": name, "was_running": False, "exit_code": None}
-    update_state(root, name, desired="stopped")
-    pid = int(state["supervisor_pid"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while is_alive(read_state(root, name), name):
-        if time.monotonic() > deadline:
-            raise BoxError(f"run {name} did not stop within {timeout:.0f}s")
-        time.sleep(0.2)
+        if not is_alive(state, name):
+            return {"run": name, "was_running": _stop_orphan(root, name, state), "exit_code": None}
+        os.kill(int(state["supervisor_pid"]), signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while is_alive(read_state(root, name), name):
+            if time.monotonic() > deadline:
+                raise BoxError(f"run {name} did not stop within {timeout:.0f}s")
+            time.sleep(0.2)
     return {"run": name, "was_running": True, "exit_code": read_state(root, name).get("last_exit_code")}
 
 
@@ -264,6 +381,10 @@ def resume_desired(root: Path) -> list[str]:
     for name, state in states(root).items():
         run_file = Path(str(state.get("run_file") or ""))
         if state.get("desired") == "running" and not is_alive(state, name) and run_file.is_file():
-            start(root, name, run_file, resume=True)
+            try:
+                start(root, name, run_file, resume=True)
+            except BoxError as exc:  # one run that cannot start must not keep the box from serving
+                _say(root, name, f"not resumed: {exc}")
+                continue
             resumed.append(name)
     return resumed

@@ -7,6 +7,7 @@ is checked with ``Shape`` where it enters, so a wrong one is one line naming the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +137,8 @@ class Pod:
     started: bool  # runtime reported: the container is up
     ssh_host: str | None  # the public IP mapped to the container's sshd port
     ssh_port: int | None
+    # runtime.uptimeInSeconds: how long the container has run (RunPod records no creation time).
+    uptime_seconds: float | None = None
 
     def instance(self) -> Instance:
         return Instance(
@@ -150,6 +153,7 @@ class Pod:
             price_per_hour=self.cost_per_hr,
             ssh_host=self.ssh_host,
             ssh_port=self.ssh_port,
+            created_at=None if self.uptime_seconds is None else time.time() - self.uptime_seconds,
         )
 
 
@@ -198,8 +202,11 @@ def pod(shape: Shape, entry: Any, where: str, ssh_port: int = BOX_SSH_PORT) -> P
     """A pod; its SSH address is the public one mapped to the container's ``ssh_port``."""
     item = shape.obj(entry, where)
     runtime = item.get("runtime")
-    host, port = None, None
+    host, port, uptime = None, None, None
     if runtime is not None:
+        uptime = shape.number(
+            shape.obj(runtime, f"{where}.runtime"), "uptimeInSeconds", f"{where}.runtime", optional=True
+        )
         ports = shape.obj(runtime, f"{where}.runtime").get("ports") or []
         for index, raw in enumerate(shape.items(ports, f"{where}.runtime.ports")):
             at = f"{where}.runtime.ports[{index}]"
@@ -223,6 +230,7 @@ def pod(shape: Shape, entry: Any, where: str, ssh_port: int = BOX_SSH_PORT) -> P
         started=runtime is not None,
         ssh_host=host,
         ssh_port=port,
+        uptime_seconds=uptime,
     )
 
 
