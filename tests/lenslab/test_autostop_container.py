@@ -15,7 +15,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from lenslab.remote import autostop, labs
 from lenslab.remote.bootstrap import LocalRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.support.instance_runner import wait_for_sshd
 from tests.support.runpod_emulator import RunPodEmulator
 from tests.support.vast_emulator import VastEmulator
 
@@ -149,7 +149,7 @@ class ContainerBox:
             "-e", f"LENSLAB_PUBLIC_KEY={public_key}", "-e", f"{self.cloud.provider.instance_id_env}={self.instance_id}",
             IMAGE, "python3", "-m", "lenslab_workspace.box", "serve",
         ).stdout.strip()  # fmt: skip
-        _wait_for_sshd(self.container, self.cloud.port)
+        wait_for_sshd(self.container, self.cloud.port, timeout=ACT_SECONDS)
         return self
 
     def install(self, **changes: Any) -> dict[str, Any]:
@@ -220,20 +220,6 @@ def make_box(cloud: Cloud, tmp_path: Path, keypair: Path, docker_ready: None) ->
             docker("rm", "-f", made.container, check=False)
         if made.cloud.state(made.instance_id) is not None:
             made.cloud.provider.terminate(made.box)  # what `lenslab down` does: no instance is left
-
-
-def _wait_for_sshd(container: str, port: int) -> None:
-    deadline = time.monotonic() + ACT_SECONDS
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                if sock.recv(64).startswith(b"SSH-2.0-"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    logs = docker("logs", container, check=False)
-    raise AssertionError(f"the box's sshd did not answer: {(logs.stdout + logs.stderr)[-800:]}")
 
 
 STOP_ACTIONS = {"runpod": "runpod-stop", "vast": "vast-stop"}

@@ -78,7 +78,7 @@ class InstanceRunner:
         if not self.host_network:
             mapped = _docker("port", container, f"{run.port}/tcp").stdout.split()[0]
             port = int(mapped.rsplit(":", 1)[1])
-        _wait_for_sshd(container, port)
+        wait_for_sshd(container, port)
         return "127.0.0.1", port
 
     def stop(self, key: str) -> None:
@@ -125,8 +125,9 @@ def _free_port() -> int:
         return port
 
 
-def _wait_for_sshd(container: str, port: int) -> None:
-    deadline = time.monotonic() + SSHD_READY_SECONDS
+def wait_for_sshd(container: str, port: int, timeout: float = SSHD_READY_SECONDS) -> None:
+    """Until the container's sshd greets on 127.0.0.1:``port``; its log tail when it never does."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
