@@ -9,7 +9,11 @@ the floor for anything that has to reach the box.
 
 Targets: `up` on a ready box <= 3 s; `status` <= 0.5 s.
 
-Usage: python bench/bench_container_box.py [--runs N]   (needs Docker; builds lenslab's image once)
+With ``--stock`` the pod runs the stand-in for RunPod's stock PyTorch image instead
+(``image = "stock"``: lenslab installed by the first `up` into a venv on the volume; the timed
+`up`s find it ready).
+
+Usage: python bench/bench_container_box.py [--runs N] [--stock]   (needs Docker; builds lenslab's image once)
 """
 
 from __future__ import annotations
@@ -48,6 +52,13 @@ def build_image(work: Path) -> str:
     return tag
 
 
+def stock_image(work: Path, lenslab_image: str) -> str:
+    import docker
+
+    tag: str = imagekit.stock_image(docker.from_env(), lenslab_image, work / "stock")
+    return tag
+
+
 def median_seconds(cmd: list[str], runs: int, env: dict[str, str], cwd: Path) -> float:
     times = []
     for _ in range(runs):
@@ -60,11 +71,17 @@ def median_seconds(cmd: list[str], runs: int, env: dict[str, str], cwd: Path) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--stock", action="store_true", help='image = "stock": lenslab in a venv on the volume')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lenslab-bench-") as tmp:
         work = Path(tmp)
         image = build_image(work)
-        runner = InstanceRunner(f"lenslab-bench={uuid.uuid4().hex[:12]}", images={"lenslab:latest": image})
+        images = {"lenslab:latest": image}
+        if args.stock:
+            from lenslab.providers.runpod.provider import RunPodProvider
+
+            images[RunPodProvider.stock_image] = stock_image(work, image)
+        runner = InstanceRunner(f"lenslab-bench={uuid.uuid4().hex[:12]}", images=images)
         emulator = RunPodEmulator(work / "volumes").start()
         emulator.runner = runner
         home, project = work / "home", work / "project"
@@ -79,8 +96,12 @@ def main() -> int:
         try:
             subprocess.run([LENSLAB, "init", "--name", "bench", "--provider", "runpod"], env=env, cwd=project,
                            check=True, capture_output=True)  # fmt: skip
-            with (project / "lenslab.toml").open("a") as toml:
-                toml.write('gpu_types = ["4090"]\nmin_free_gb = 0\n')
+            toml = project / "lenslab.toml"
+            text = toml.read_text() + 'gpu_types = ["4090"]\nmin_free_gb = 0\n'
+            if args.stock:
+                text = text.replace('\nimage = "lenslab:latest"\n', '\nimage = "stock"\n', 1)
+                text += f'build_context = "{ROOT}"\n'
+            toml.write_text(text)
             subprocess.run([LENSLAB, "up", "--yes"], env=env, cwd=project, check=True, capture_output=True, timeout=600)
             ssh_config = home / ".ssh" / "lenslab" / "config"
             figures = {
@@ -95,8 +116,13 @@ def main() -> int:
         finally:
             runner.close()
             emulator.stop()
+            if args.stock:
+                import docker
+
+                imagekit.remove_stock_image(docker.from_env(), images[RunPodProvider.stock_image])
     baseline = figures["ssh ALIAS true (baseline)"]
-    print(f"median of {args.runs} runs, container box (RunPod emulated, lenslab's image)")
+    kind = "the stock image, lenslab in a venv on the volume" if args.stock else "lenslab's image"
+    print(f"median of {args.runs} runs, container box (RunPod emulated, {kind})")
     for name, seconds in figures.items():
         line = f"  {name:28s} {seconds:6.3f} s  {seconds / baseline:5.2f}x ssh"
         if name in TARGETS:

@@ -33,6 +33,9 @@ CONFIG_NAME = "lenslab.toml"
 _SECRET_NAME = re.compile(r"(api_?key|token|secret|password|passphrase)", re.IGNORECASE)
 # A lenslab.toml is a few hundred bytes; anything this big is the wrong file (or /dev/zero).
 MAX_CONFIG_BYTES = 1 << 20
+# [box] image = "stock": a container cloud's own PyTorch image, lenslab installed into a venv on
+# the persistent volume at `lenslab up` (remote/stockbox.py), so no registry of lenslab's is needed.
+STOCK_IMAGE = "stock"
 _INPUT_SHOWN = 60  # characters of a bad value quoted back in an error line
 
 STARTER = """\
@@ -52,6 +55,8 @@ gpu = "{gpu}"
 # Container image for the dev and training containers, built on the box from build_context
 # (default: this file's directory when it has a Dockerfile) and rebuilt only when that changes.
 image = "lenslab:latest"
+# image = "stock"   # a cloud whose instances are containers: its stock PyTorch image; `lenslab up`
+#                   # installs lenslab from build_context into a venv on the persistent volume
 # build_context = "path/to/lenslab"      # the directory with lenslab's Dockerfile
 # build_args = {{ BASE_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04" }}
 # jupyter_port = 8888                   # on the box's 127.0.0.1; `lenslab jupyter` tunnels to it
@@ -200,6 +205,12 @@ class BoxConfig(BaseModel):
             raise ValueError(
                 f"interruptible = true, but {self.provider} has no interruptible instances; "
                 "set interruptible = false, or a provider that has them (`lenslab offers --interruptible`)"
+            )
+        if self.image == STOCK_IMAGE and not caps.container_box:
+            # Only a cloud whose instances are containers has a stock image to launch.
+            raise ValueError(
+                f'image = "stock" is for a provider whose instances are containers; not for {self.provider}: '
+                "name lenslab's image instead (the default)"
             )
         if self.engine != "docker" and (caps.rents_machines or caps.this_machine):
             # A cloud provider knows what its instances are (capabilities.container_box).

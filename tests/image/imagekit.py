@@ -8,6 +8,7 @@ of everything that went into it and reused by later runs while that hash stays t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -168,3 +169,64 @@ def build_cached(client: docker.DockerClient, context: Path, buildargs: dict[str
     except docker.errors.ImageNotFound:
         pass
     return build(client, context, tag, buildargs)
+
+
+# A stand-in for a provider's stock PyTorch image, made from lenslab's: python, torch, sae-lens
+# and the other dependencies in the system Python, lenslab and lenslab-workspace not installed,
+# and a start script that does what RunPod's stock images do (root's authorized_keys from
+# PUBLIC_KEY, host keys made at start, sshd as root on port 22, then sleep).
+STOCK_REPO = "lenslab-test-stock"
+STOCK_START = """#!/bin/bash
+set -e
+if [ -n "$PUBLIC_KEY" ]; then
+  install -d -m 700 /root/.ssh
+  printf '%s\\n' "$PUBLIC_KEY" >> /root/.ssh/authorized_keys
+  chmod 600 /root/.ssh/authorized_keys
+  ssh-keygen -A >/dev/null
+  mkdir -p /run/sshd
+  /usr/sbin/sshd -p 22
+fi
+exec sleep infinity
+"""
+STOCK_DOCKERFILE = """FROM {base}
+USER root
+# The dependencies stay where they are and the system Python sees them (a .pth file), as a stock
+# image's Python has torch; lenslab's own packages and sources go.
+RUN set -eux; \\
+    /opt/lenslab/venv/bin/pip uninstall -y lenslab lenslab-workspace; \\
+    rm -rf /opt/lenslab/src /opt/lenslab/venv/bin/lenslab*; \\
+    echo /opt/lenslab/venv/lib/python3.11/site-packages > /usr/lib/python3/dist-packages/stock-deps.pth; \\
+    ! /usr/bin/python3 -c 'import lenslab'; \\
+    /usr/bin/python3 -c 'import torch, sae_lens'
+ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin VIRTUAL_ENV= LENSLAB_ROOT= HF_HOME=
+COPY start.sh /start.sh
+RUN chmod 755 /start.sh
+WORKDIR /
+EXPOSE 22
+HEALTHCHECK NONE
+CMD ["/start.sh"]
+"""
+
+
+def stock_image(client: docker.DockerClient, lenslab_tag: str, work: Path) -> str:
+    """The stand-in stock image, derived from ``lenslab_tag`` (no download); reused while the
+    same. Remove it after use (``remove_stock_image``): a child image left behind would stop
+    the image tests from removing lenslab's older image."""
+    dockerfile = STOCK_DOCKERFILE.format(base=lenslab_tag)
+    key = hashlib.sha256(f"{lenslab_tag}\0{dockerfile}\0{STOCK_START}".encode()).hexdigest()[:16]
+    tag = f"{STOCK_REPO}:{key}"
+    try:
+        client.images.get(tag)
+        return tag
+    except docker.errors.ImageNotFound:
+        pass
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "Dockerfile").write_text(dockerfile)
+    (work / "start.sh").write_text(STOCK_START)
+    build(client, work, tag, {})
+    return tag
+
+
+def remove_stock_image(client: docker.DockerClient, tag: str) -> None:
+    with contextlib.suppress(docker.errors.ImageNotFound):
+        client.images.remove(tag, noprune=False)

@@ -417,6 +417,7 @@ def test_settings_and_key_on_the_volume(tmp_path: Path) -> None:
     assert json.loads((where / "autostop.json").read_text()) == {"off": True}
 
 
+@pytest.mark.slow  # seconds of real processes: outside the fast lane
 def test_serve_starts_the_watcher_which_waits_for_its_settings(tmp_path: Path) -> None:
     """`lenslab-box serve`'s child: it starts before the laptop wrote settings, and reads them
     at every check (here: where its state goes)."""

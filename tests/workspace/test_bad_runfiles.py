@@ -129,7 +129,7 @@ CASES = [
     Case("mixing-above-one", {"activations_mixing_fraction": 1.5}, "'activations_mixing_fraction'"),
     Case("typo-field", {"contex_size": 64}, "'contex_size'"),
     Case("unknown-field", {"foo": 1}, "'foo'"),
-    Case("prefetch", {"prefetch_llm_batches": True}, "'prefetch_llm_batches'"),
+    Case("prefetch-negative", {"prefetch_llm_batches": -1}, "prefetch_llm_batches must be a bool or a non-negative"),
     Case("cached-activations", {"use_cached_activations": True}, "'use_cached_activations'"),
     Case("wandb-optimizer", {"logger.log_optimizer_state_to_wandb": True}, "'logger.log_optimizer_state_to_wandb'"),
     Case("wandb-frequency-zero", {"logger.wandb_log_frequency": 0}, "'logger.wandb_log_frequency'"),

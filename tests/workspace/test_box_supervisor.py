@@ -244,6 +244,7 @@ def running(pid: int) -> bool:
     return start_ticks(pid) is not None
 
 
+@pytest.mark.slow  # seconds of real processes: outside the fast lane
 def test_concurrent_starts_give_one_supervisor_and_one_trainer(root: Path, tmp_path: Path) -> None:
     run_file, env, launches = fake_trainer(tmp_path, "r5")
     starts = [subprocess.Popen([BOX, "--root", str(root), "start", "r5", str(run_file)], env=env, text=True,
@@ -294,6 +295,7 @@ def test_an_orphaned_trainer_is_stopped_by_stop_and_by_start(root: Path, tmp_pat
     assert running(pids(launches)[-1])
 
 
+@pytest.mark.slow  # seconds of real processes: outside the fast lane
 def test_a_stop_while_the_run_starts_stops_it(root: Path, tmp_path: Path) -> None:
     run_file, env, launches = fake_trainer(tmp_path, "r7")
     # The new supervisor takes 2 s to start, so the stop surely comes while the run is starting.

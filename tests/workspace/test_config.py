@@ -84,8 +84,8 @@ def test_architectures(tmp_path: Path, architecture: str) -> None:
             "run.toml: field 'logger.log_optimizer_state_to_wandb': not supported by lenslab-train; set it to false",
         ),
         (
-            BASE + "prefetch_llm_batches = true\n[sae]\nd_in = 4\nd_sae = 8\n",
-            "run.toml: field 'prefetch_llm_batches': prefetching breaks exact resume; set it to false",
+            BASE + "compile_llm = true\n[sae]\nd_in = 4\nd_sae = 8\n",
+            "run.toml: field 'compile_llm': torch.compile is not supported by lenslab-train; set it to false",
         ),
         (
             'name = "t"\nmodel_name = "tiny-random"\n[sae]\nd_in = 4\nd_sae = 8\n',

@@ -72,13 +72,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "sae_lens_training_version": {"value": "0.0.2"},
     "exclude_special_tokens": {"value": [0, 5]},
     "n_batches_for_norm_estimate": {"value": 17},
+    "prefetch_llm_batches": {"value": 2},
 }
 # The two tables: a value inside each reaches SAELens's config there.
 TABLE_SAMPLES = {"sae": ("d_sae", 96), "logger": ("wandb_project", "elsewhere")}
 # What each refused field is set to (not SAELens's default).
 REFUSED_SAMPLES: dict[str, Any] = {
     "use_cached_activations": True,
-    "prefetch_llm_batches": 2,
     "resume_from_checkpoint": "checkpoints/abc",
     "compile_llm": True,
     "compile_sae": True,

@@ -170,6 +170,7 @@ def test_unreachable_service_falls_back_to_offline(tmp_path: Path) -> None:
     assert len(ids) == 1 and len(rows) == status["step"]
 
 
+@pytest.mark.slow  # seconds of real processes: outside the fast lane
 def test_no_api_key_trains_offline_with_one_warning(tmp_path: Path) -> None:
     env = wandb_env(tmp_path, mode="online")
     run_file = write_run_file(tmp_path / "run.toml", {"logger": LOGGER, "training_tokens": 8_192})

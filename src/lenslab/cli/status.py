@@ -43,8 +43,7 @@ def status(args: argparse.Namespace) -> int:
         # One try: status answers "is it up?", it does not wait for a booting box.
         runner = provider.connect(box, attempts=1)
         try:
-            facts = labs.box_facts(cfg.box, provider, runner, box)
-            watcher = autostop.read_state(runner)
+            facts, watcher = labs.box_facts(cfg.box, provider, runner, box)
         finally:
             runner.close()
     except (RemoteError, ProviderError) as exc:

@@ -78,7 +78,7 @@ def runs(args: argparse.Namespace) -> int:
         return _costs(args, report.cost_rows(cfg.box.name, found))
     recoveries = report.recent(cfg.box.name)
     now = time.time()
-    rows = [_row(status, now) for status in found]
+    rows = [row for status in found for row in (_row(status, now), *_sae_rows(status))]
     header = ("RUN", "STATE", "PROGRESS", "TOK/S", "ETA", "CHECKPOINT")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     text = "\n".join(
@@ -112,6 +112,16 @@ def _row(status: dict[str, Any], now: float) -> tuple[str, ...]:
     ckpt_text = f"step {ckpt['step']}, {_age(now - ckpt['time'])} ago" if ckpt else "-"
     return (str(status.get("name")), state, progress, f"{rate:,.0f}" if rate else "-",
             _age(eta) if eta is not None and state == "running" else "-", ckpt_text)  # fmt: skip
+
+
+def _sae_rows(status: dict[str, Any]) -> list[tuple[str, ...]]:
+    """A group run's SAEs, one indented row each: architecture/width, hook, latest MSE."""
+    rows: list[tuple[str, ...]] = []
+    for sae in status.get("saes") or []:
+        mse = sae["losses"].get("mse_loss")
+        rows.append((f"  {sae['name']}", f"{sae['architecture']}/{sae['d_sae']}", str(sae["hook_name"]), "", "",
+                     f"mse {mse:.4g}" if isinstance(mse, int | float) else "-"))  # fmt: skip
+    return rows
 
 
 def run_state(status: dict[str, Any]) -> str:

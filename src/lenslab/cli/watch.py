@@ -16,7 +16,9 @@ def watch(args: argparse.Namespace) -> int:
     instance was preempted, stopped, terminated, or failed 3 knocks in a row over 45 s, it asks
     for it back where the provider keeps it (up to box.resume_wait_minutes), else launches the cheapest
     matching offer (box.interruptible, max_price_per_hour, budget_usd), and restarts the runs it
-    watches: they resume from their newest checkpoint, exactly. It watches the RUN.toml files
+    watches: they resume from their newest checkpoint, exactly. With box.mirror set, that offer
+    may be on any provider with an API key here: the box moves there (its runs come back from the
+    mirror) and `status`, `runs`, `ssh`, `pull` and `down` find it there. It watches the RUN.toml files
     named here and every unfinished run it finds on the box. Each preemption and recovery is
     shown by `lenslab runs` and `lenslab status`. One watcher per box. It relaunches with no
     one to ask, so it needs box.budget_usd: the cap on what the box may spend.

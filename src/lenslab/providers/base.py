@@ -196,10 +196,12 @@ ProviderClass = type[Provider]
 
 
 def provider_for(cfg: BoxConfig, *, assume_yes: bool = False) -> Provider:
-    """The provider ``[box]`` names, ready for the CLI; ``assume_yes`` is ``lenslab up --yes``."""
+    """The provider ``[box]`` names (or the one `lenslab watch` moved the box to: ``placement``),
+    ready for the CLI; ``assume_yes`` is ``lenslab up --yes``."""
+    from lenslab.providers.placement import where
     from lenslab.providers.registry import provider_class
 
-    return provider_class(cfg.provider).for_cli(assume_yes=assume_yes)
+    return provider_class(where(cfg)).for_cli(assume_yes=assume_yes)
 
 
 def add_note(exc: BaseException, note: str) -> None:

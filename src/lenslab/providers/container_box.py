@@ -27,6 +27,18 @@ BOX_USER = "lab"
 BOX_ROOT = "/lab"
 BOX_SSH_PORT = 2222
 BOX_COMMAND = ("lenslab-box", "serve")
+# ``[box] image = "stock"``: the provider's stock CUDA PyTorch image (``stock_image`` of each
+# provider), lenslab installed at `up` into a venv on the persistent volume (remote/stockbox.py).
+# No registry of lenslab's is needed. The image's own start script runs sshd as root on port 22
+# with the key from PUBLIC_KEY.
+STOCK_USER = "root"
+STOCK_SSH_PORT = 22
+
+
+def uses_stock_image(cfg: BoxConfig) -> bool:
+    from lenslab.config import STOCK_IMAGE
+
+    return cfg.image == STOCK_IMAGE
 
 
 @dataclass(frozen=True)

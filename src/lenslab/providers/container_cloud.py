@@ -4,7 +4,9 @@ Such an instance is itself a container of lenslab's image (``box.image``): no Do
 inside. It starts ``lenslab-box serve`` (sshd as user ``lab`` on port 2222, public-key login with
 the key handed in as ``LENSLAB_PUBLIC_KEY``), its persistent root is mounted at ``/lab``, and the
 provider maps port 2222 to a public port. ``launch`` returns that: user ``lab``, the public IP
-and the mapped port.
+and the mapped port. With ``image = "stock"`` the instance is the provider's own PyTorch image
+instead (``stock_image``), started by its own script: sshd as root on port 22 for the key in
+``PUBLIC_KEY``; `lenslab up` then installs lenslab into a venv on the volume (remote/stockbox.py).
 
 Launching follows the rules that hold for every rented box:
 - consent first: the offer, its $/hour and anything else created are shown, and nothing is
@@ -39,14 +41,18 @@ from lenslab.errors import ConfigError, LenslabError, ProviderError
 from lenslab.providers import container_ledger as ledgers
 from lenslab.providers.base import AutostopInputs, OfferQuery, Provider
 from lenslab.providers.container_box import (
+    BOX_COMMAND,
     BOX_ROOT,
     BOX_SSH_PORT,
     BOX_USER,
+    STOCK_SSH_PORT,
+    STOCK_USER,
     Confirm,
     LaunchPlan,
     LaunchSpec,
     prompt_on_terminal,
     public_key,
+    uses_stock_image,
     warn_on_stderr,
 )
 from lenslab.providers.offers import (
@@ -91,6 +97,9 @@ class ContainerCloud(Provider):
     default_api_url: ClassVar[str]
     autostop_action: ClassVar[str]
     default_root: ClassVar[str] = BOX_ROOT
+    # ``image = "stock"``: the provider's own CUDA PyTorch image, whose start script runs sshd
+    # as root on port 22 for the key in PUBLIC_KEY.
+    stock_image: ClassVar[str]
 
     @classmethod
     def for_cli(cls, *, assume_yes: bool = False) -> ContainerCloud:
@@ -178,6 +187,15 @@ class ContainerCloud(Provider):
         how = f"interruptible, bidding ${plan.bid:.2f}/hour" if plan.bid is not None else f"${plan.price:.2f}/hour"
         gpus = f"{offer.gpu_count}x {offer.gpu_name} ({offer.vram_gb:.0f} GB)"
         return f"launch {gpus} on {self.name}{where} at {how}{more}"
+
+    def _spec(self, cfg: BoxConfig, price_per_hour: float) -> LaunchSpec:
+        """What the instance runs: lenslab's image with ``lenslab-box serve``, or the stock image
+        with its own start command (sshd as root on port 22) and the key as PUBLIC_KEY too."""
+        env = self._env(cfg, price_per_hour)
+        if uses_stock_image(cfg):
+            env["PUBLIC_KEY"] = env["LENSLAB_PUBLIC_KEY"]
+            return LaunchSpec(name=cfg.alias, image=self.stock_image, command=(), env=env, port=STOCK_SSH_PORT)
+        return LaunchSpec(name=cfg.alias, image=cfg.image, command=BOX_COMMAND, env=env)
 
     def _env(self, cfg: BoxConfig, price_per_hour: float | None = None) -> dict[str, str]:
         env = {"LENSLAB_PUBLIC_KEY": public_key(cfg), "LENSLAB_ROOT": BOX_ROOT, "LENSLAB_BOX": cfg.name}
@@ -363,13 +381,14 @@ class ContainerCloud(Provider):
                 host = str(ipaddress.ip_address(host))
             except ValueError:
                 host = None  # written into the ssh config: an IP address and nothing else
+        stock = uses_stock_image(cfg)
         return Box(
             name=cfg.name,
             provider=self.name,
             alias=cfg.alias,
             root=cfg.persistent_root,
             host=host,
-            port=instance.ssh_port or BOX_SSH_PORT,
-            user=cfg.user or BOX_USER,
+            port=instance.ssh_port or (STOCK_SSH_PORT if stock else BOX_SSH_PORT),
+            user=cfg.user or (STOCK_USER if stock else BOX_USER),
             identity_file=Path(cfg.identity_file).expanduser() if cfg.identity_file else files.default_key_path(),
         )

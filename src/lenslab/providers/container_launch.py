@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from lenslab.errors import BootFailed, LenslabError, ProviderError
 from lenslab.providers import container_ledger as ledgers
 from lenslab.providers.base import OfferQuery, add_note
-from lenslab.providers.container_box import BOX_COMMAND, LaunchPlan, LaunchSpec, price_for
+from lenslab.providers.container_box import LaunchPlan, LaunchSpec, price_for
 from lenslab.providers.offers import (
     RUNNING,
     STARTING,
@@ -139,7 +139,7 @@ class Launch:
         what = provider.describe(plan)
         if not provider.confirm(what):
             raise ProviderError(f"not launched: lenslab would {what}", "re-run with --yes to accept")
-        spec = LaunchSpec(name=cfg.alias, image=cfg.image, command=BOX_COMMAND, env=provider._env(cfg, price.per_hour))
+        spec = provider._spec(cfg, price.per_hour)
         instance_id = self.create_once(plan, spec)
         spent = ledgers.read(provider.name, cfg.name).spent_usd
         ledger = ledgers.Ledger(

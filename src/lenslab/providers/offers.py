@@ -28,9 +28,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import httpx
-
 from lenslab.errors import ProviderError
+from lenslab.providers.lean_httpx import httpx
 
 # Normalised instance states (``Instance.state``).
 STARTING: Final = "starting"  # created or resuming, not yet reachable

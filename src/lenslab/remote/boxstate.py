@@ -62,7 +62,21 @@ def clean_status(raw: object, name: str) -> dict[str, Any] | None:
     ckpt = raw.get("last_checkpoint")
     step, when = (_number(ckpt.get("step")), _number(ckpt.get("time"))) if isinstance(ckpt, dict) else (None, None)
     status["last_checkpoint"] = {"step": int(step), "time": when} if step is not None and when is not None else None
+    if isinstance(raw.get("saes"), list):  # a group run: one entry per SAE
+        status["saes"] = [_sae(entry) for entry in raw["saes"][:64] if isinstance(entry, dict)]
     return status
+
+
+def _sae(entry: dict[str, Any]) -> dict[str, Any]:
+    losses = entry.get("losses")
+    losses = losses if isinstance(losses, dict) else {}
+    return {
+        "name": text(entry.get("name"), 64),
+        "architecture": text(entry.get("architecture"), 64),
+        "hook_name": text(entry.get("hook_name"), 120),
+        "d_sae": _number(entry.get("d_sae")),
+        "losses": {text(k, 64): _number(v) for k, v in list(losses.items())[:8]},
+    }
 
 
 def read_status(runner: Runner, path: str) -> dict[str, Any] | None:

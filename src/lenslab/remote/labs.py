@@ -111,10 +111,19 @@ def make_ready(
         runner = connect()
     try:
         if not has_engine(cfg.box, provider):
+            from lenslab.config import STOCK_IMAGE
             from lenslab.remote.processlab import prepare
 
+            stock = None
+            if provider.capabilities.container_box and cfg.box.image == STOCK_IMAGE:
+                from lenslab.remote import stockbox
+
+                with progress.step("lenslab in a venv on the volume") as show:
+                    stock = stockbox.ensure(cfg, runner, box.root, show)
             with progress.step("lenslab-box and the persistent root"):
                 summary = prepare(cfg.box, runner, box.root)
+            if stock is not None:
+                summary["lab"]["venv"] = stock
             if provider.capabilities.container_box:
                 # Its watcher runs under lenslab-box serve and reads its settings from the volume.
                 with progress.step("autostop watcher"):
@@ -207,12 +216,23 @@ def _lab(cfg: BoxConfig, root: str, gpus: bool) -> Lab:
     return Lab(cfg.name, root, cfg.image, gpus)
 
 
-def box_facts(cfg: BoxConfig, provider: Provider, runner: Runner, box: Box) -> dict[str, Any]:
-    """`lenslab status`'s facts about the box, checked field by field."""
+def box_facts(
+    cfg: BoxConfig, provider: Provider, runner: Runner, box: Box
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`lenslab status`'s facts about the box, checked field by field, and the autostop
+    watcher's state. On a box without Docker, ``lenslab-box facts`` answers both in one exec
+    (a round trip is most of what `status` costs); a box whose lenslab-box predates that, and
+    a Docker box (status.sh), are asked for the state apart."""
+    from lenslab.remote import autostop
     from lenslab.remote.bootstrap import check_status_facts, status
 
     if has_engine(cfg, provider):
-        return status(runner, box.root, box.name)
+        return status(runner, box.root, box.name), autostop.read_state(runner)
     from lenslab.remote.processlab import ask
 
-    return check_status_facts(ask(runner, box.root, "facts", "--json"), "lenslab-box facts")
+    raw = ask(runner, box.root, "facts", "--json")
+    facts = check_status_facts(raw, "lenslab-box facts")
+    if not isinstance(raw, dict) or "autostop" not in raw:
+        return facts, autostop.read_state(runner)
+    state = raw["autostop"]
+    return facts, state if isinstance(state, dict) else None  # anything else is no state lenslab wrote

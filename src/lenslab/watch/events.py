@@ -8,7 +8,8 @@ instances' segments (``launched`` to ``ended``) into cost per run and the on-dem
 
 Kinds: ``launched`` (instance, provider, gpu, region, price, on_demand, interruptible),
 ``ended`` (instance: terminated, so it stopped billing), ``preempted`` (instance, state, step),
-``resumed`` (instance: the same one came back), ``relaunched`` (a new instance took over),
+``moved`` (relaunched on another provider: ``provider`` is the new one), ``resumed`` (instance:
+the same one came back), ``relaunched`` (a new instance took over),
 ``restarted`` (runs restarted, with their steps), ``budget`` (budget reached: nothing more is
 launched), ``finished`` (every watched run finished).
 """
@@ -70,7 +71,7 @@ def read(box_name: str) -> list[dict[str, Any]]:
 
 def recoveries(box_name: str) -> list[dict[str, Any]]:
     """The preemptions and what followed them, for `lenslab runs` and `status`."""
-    kinds = {"preempted", "resumed", "relaunched", "restarted", "budget", "finished"}
+    kinds = {"preempted", "moved", "resumed", "relaunched", "restarted", "budget", "finished"}
     return [e for e in read(box_name) if e["kind"] in kinds]
 
 

@@ -13,6 +13,7 @@ a watcher that was told about no run still restarts every run it found.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 # Run states after which a run needs nothing more (status.json's words).
 DONE_STATES = frozenset({"finished", "failed"})
 START_WAIT_SECONDS = 300.0
+# A started trainer writes the step it resumed from once it trains (restored from its checkpoint,
+# or the mirror's): waited for this long, so each recovery records where the run resumed.
+RESUMED_WAIT_SECONDS = 120.0
 
 
 class RunControl(Protocol):
@@ -106,10 +110,19 @@ class LabRuns:
                 # earlier watcher did before it was killed.
                 with contextlib.suppress(RunAlreadyRunning):
                     runstart.start_run(lab, runfile.load(Path(run.run_file), run.name), self.cfg.box)
-                status = lab.wait_started(run.name, START_WAIT_SECONDS)
+                status = self._training(lab, run.name, lab.wait_started(run.name, START_WAIT_SECONDS))
                 step = status.get("resumed_from_step")
                 resumed[run.name] = step if isinstance(step, int) else None
         return resumed
+
+    @staticmethod
+    def _training(lab: LabBackend, name: str, status: dict[str, object]) -> dict[str, object]:
+        """The run's status once it is past "starting"; as it was when that takes too long."""
+        deadline = time.monotonic() + RESUMED_WAIT_SECONDS
+        while status.get("state") == "starting" and time.monotonic() < deadline:
+            time.sleep(1.0)
+            status = next((s for s in lab.list_runs() if s.get("name") == name), status)
+        return status
 
     def stop(self, state: WatchState) -> list[str]:
         stopped = []

@@ -11,9 +11,11 @@ Then it recovers: where the provider keeps the instance (``capabilities.stop_res
 for it back (RunPod ``podBidResume``/``podResume``, vast.ai ``start``/a new bid) and waits for
 it up to ``box.resume_wait_minutes``; otherwise, or after that, it terminates it (its cost goes
 into the box's ledger) and launches the cheapest matching offer again (``interruptible``,
-``max_price_per_hour``, ``fallback`` as `lenslab up`; no capacity: it tries again next poll).
-RunPod's network volume is mounted by the new pod; on vast.ai the runs come back from the
-mirror. Then it restarts the same runs the way `lenslab train` does, and they resume exactly.
+``max_price_per_hour``, ``fallback`` as `lenslab up`; no capacity: it tries again next poll),
+on any provider with a key when the runs are mirrored (``relocate``; the box's new home is
+written down first, ``providers.placement``), else on the box's own. RunPod's network volume is
+mounted by the new pod; elsewhere the runs come back from the mirror. Then it restarts the same
+runs the way `lenslab train` does, and they resume exactly.
 
 Money: before every launch what the box spent (ledger: earlier instances and this one so far)
 must leave ``budget_usd`` one hour of the price, else nothing is launched; while watching, a
@@ -33,9 +35,10 @@ from typing import TYPE_CHECKING
 
 from lenslab.errors import LenslabError
 from lenslab.providers import container_ledger as ledgers
+from lenslab.providers import placement
 from lenslab.providers.container_launch import BudgetReached
 from lenslab.providers.offers import PREEMPTED, RUNNING, STARTING, STOPPED, CloudNoCapacity, Instance
-from lenslab.watch import events
+from lenslab.watch import events, relocate
 from lenslab.watch import state as states
 from lenslab.watch.state import BUDGET, FINISHED, RECOVERING, WATCHING
 
@@ -86,6 +89,7 @@ class Watcher:
         self.poll_seconds, self.unreachable_seconds = poll_seconds, unreachable_seconds
         self.state = states.load(self.box.name, provider.name)
         self._polls = 0
+        self._said_staying = False  # "no mirror: the box stays on its provider", said once
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -220,7 +224,7 @@ class Watcher:
                 self._ask_resume(instance)
             return  # starting again, or asked to: looked at next poll
         if instance is not None and instance.state in (RUNNING, STARTING) and instance.id != st.instance:
-            self._launch()  # launched by an earlier watcher (killed since): waited for, not launched again
+            self._launch(anywhere=False)  # launched by an earlier watcher (killed since): waited for
             return
         self._replace(instance)
 
@@ -244,10 +248,16 @@ class Watcher:
                 self.provider.terminate(old)
         self._launch()
 
-    def _launch(self) -> None:
+    def _launch(self, anywhere: bool = True) -> None:
         st = self.state
         try:
-            self.provider.launch(self.box)
+            choice = self._where() if anywhere else None
+            if choice is None:
+                self.provider.launch(self.box)  # the provider's own choice (or its live instance)
+            else:
+                if choice.provider.name != self.provider.name:
+                    self._move(choice.provider)
+                self.provider.launch_offer(self.box, choice.offer)
         except BudgetReached as exc:
             st.phase = BUDGET
             self._save()
@@ -262,6 +272,31 @@ class Watcher:
         found = self.provider.current(self.box)
         if found is not None and found.state == RUNNING:
             self._back(found.id, "relaunched" if found.id != st.instance else "resumed")
+
+    def _where(self) -> relocate.Choice | None:
+        """The cheapest matching offer on any provider the box may go to; None leaves the choice
+        to the box's provider (no other provider has a key, no mirror, or no offer anywhere)."""
+        others = [p for p in relocate.candidates(self.box) if p.name != self.provider.name]
+        if not others:
+            return None
+        if not self.box.mirror:
+            if not self._said_staying:
+                self._said_staying = True
+                elsewhere = ", ".join(p.name for p in others)
+                self.say(f"box.mirror is not set, so the box stays on {self.provider.name}, where its runs are "
+                         f"(set box.mirror to let it move to {elsewhere} when cheaper)")  # fmt: skip
+            return None
+        return relocate.cheapest(self.box, [self.provider, *others], self.provider.name, self.say)
+
+    def _move(self, to: ContainerCloud) -> None:
+        """The box moves to another provider. Its spending and its new home are written before
+        anything launches there: a watcher killed now looks for it there, launching nothing twice."""
+        old = self.provider.name
+        relocate.carry_spending(self.box.name, old, to.name)
+        placement.move(self.box, to.name)
+        self.provider, self.state.provider = to, to.name
+        self._save()
+        self._record("moved", reason=f"from {old}: the cheapest matching offer is on {to.name}")
 
     def _back(self, instance_id: str, how: str) -> None:
         st = self.state

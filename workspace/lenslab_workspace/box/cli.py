@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("name", metavar="NAME")
     logs.add_argument("--offset", type=int, default=0)
     logs.add_argument("-f", "--follow", action="store_true", help="until the run's supervisor exits")
-    sub.add_parser("serve", help="a container box's start command: sshd, runs, signals")
+    serve = sub.add_parser("serve", help="a container box's start command: sshd, runs, signals")
+    serve.add_argument("--no-sshd", action="store_true",
+                       help="leave SSH to the image's own sshd (the provider's stock image)")  # fmt: skip
     supervise = sub.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("name")
     supervise.add_argument("run_file")
@@ -87,7 +89,7 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
         return supervisor.Supervisor(root, args.name, args.run_file).run()
     from lenslab_workspace.box.serve import Server
 
-    return Server(root).run()
+    return Server(root, sshd=not args.no_sshd).run()
 
 
 def _print(data: Any) -> int:

@@ -26,6 +26,10 @@ JUPYTER_MARKER = "jupyter"
 JUPYTER_START_SECONDS = 60.0
 # Unprivileged ports only: Jupyter runs as the box's user.
 JUPYTER_PORTS = range(1024, 65536)
+# The autostop watcher's state (lenslab's remote/autostop.py names them): a VM's, else a
+# container box's under the persistent root. ``facts`` carries it, so that `lenslab status`
+# needs one exec on the box, not two.
+AUTOSTOP_STATE_FILES = (Path("/var/lib/lenslab/autostop.json"), Path("autostop-state.json"))
 
 
 def gpus() -> tuple[list[dict[str, Any]], str | None]:
@@ -84,7 +88,17 @@ def facts(root: Path) -> dict[str, Any]:
     live = sum(1 for name, state in supervisor.states(root).items() if supervisor.is_alive(state, name))
     return {"root": str(root), "root_exists": exists, "root_used_kb": _used_kb(root) if exists else None,
             "disk_total_kb": total, "disk_free_kb": free, "gpus": found, "driver": driver,
-            "uptime_s": uptime_seconds(), "containers": live}  # fmt: skip
+            "uptime_s": uptime_seconds(), "containers": live, "autostop": autostop_state(root)}  # fmt: skip
+
+
+def autostop_state(root: Path) -> dict[str, Any] | None:
+    """The watcher's state as it wrote it (the laptop checks it); None when it has none."""
+    vm_file, container_file = AUTOSTOP_STATE_FILES
+    for path in (vm_file, state_dir(root) / container_file):
+        state = read_json(path)
+        if state is not None:
+            return state if isinstance(state, dict) else None
+    return None
 
 
 def os_release() -> tuple[str, str]:
@@ -178,7 +192,11 @@ def jupyter(root: Path, port: int) -> dict[str, Any]:
 
 
 def jupyter_command(root: Path, port: int) -> list[str]:
-    return [str(Path(sys.executable).with_name("jupyter")), "lab", "--no-browser", "--ip=127.0.0.1",
+    # Beside this Python (lenslab's image), else on PATH: in a venv made on a stock image with
+    # --system-site-packages, Jupyter is the image's own.
+    beside = Path(sys.executable).with_name("jupyter")
+    found = str(beside) if beside.exists() else shutil.which("jupyter") or str(beside)
+    return [found, "lab", "--no-browser", "--ip=127.0.0.1",
             f"--port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}"]  # fmt: skip
 
 

@@ -6,6 +6,9 @@ key), starts again the runs that were meant to run when the container stopped, r
 orphan (it is the container's first process, or its subreaper), keeps the idle and budget
 watcher running (box/watcher.py), and on SIGTERM stops each supervised run gracefully (they
 checkpoint) before it exits.
+
+With ``--no-sshd`` (the provider's stock image, where lenslab installed itself through the
+image's own root sshd) it runs everything but sshd, as whatever user started it.
 """
 
 from __future__ import annotations
@@ -100,8 +103,11 @@ def write_sshd_files(root: Path, keys: list[str], port: int) -> Path:
 
 
 class Server:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sshd: bool = True) -> None:
         self.root = root
+        # False on the provider's stock image: its own sshd (root, port 22) is how lenslab got
+        # in to install lenslab-box at all, so this one starts none (and may run as root).
+        self.with_sshd = sshd
         self.stopping = False
         self.sshd: subprocess.Popen[bytes] | None = None
         self.sshd_started = 0.0
@@ -113,30 +119,40 @@ class Server:
         self.stopping = True
 
     def run(self) -> int:
-        if os.getuid() == 0:
-            # sshd_config allows no root login: as root nobody could log in.
-            raise BoxError("serve runs as the image's unprivileged user, not root; set USER in the image", 2)
-        keys = public_keys()
-        port = ssh_port()
+        config = self._sshd_config()
         with contextlib.suppress(OSError, AttributeError):
             # Orphans (the runs' supervisors, whose starter left) come to this process to be reaped.
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         prepare(self.root)
-        config = write_sshd_files(self.root, keys, port)
-        if not keys:
-            _say("no LENSLAB_PUBLIC_KEY or PUBLIC_KEY set: nobody can log in over SSH")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        self._start_sshd(config)
+        if config is not None:
+            self._start_sshd(config)
         resumed = supervisor.resume_desired(self.root)
         if resumed:
             _say(f"resumed runs: {', '.join(resumed)}")
         while not self.stopping:
             self._reap()
             self.watcher.ensure()
-            self.keep_sshd(config, time.monotonic())
+            if config is not None:
+                self.keep_sshd(config, time.monotonic())
             time.sleep(0.5)
         return self._shutdown()
+
+    def _sshd_config(self) -> Path | None:
+        """sshd's files under the root (checked before anything starts); None without sshd."""
+        if not self.with_sshd:
+            return None
+        if os.getuid() == 0:
+            # sshd_config allows no root login: as root nobody could log in.
+            raise BoxError("serve runs as the image's unprivileged user, not root; set USER in the image", 2)
+        keys = public_keys()
+        port = ssh_port()
+        prepare(self.root)
+        config = write_sshd_files(self.root, keys, port)
+        if not keys:
+            _say("no LENSLAB_PUBLIC_KEY or PUBLIC_KEY set: nobody can log in over SSH")
+        return config
 
     def keep_sshd(self, config: Path, now: float) -> None:
         """Start sshd again once it exited, after a delay that doubles while it keeps exiting

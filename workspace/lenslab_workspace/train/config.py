@@ -108,7 +108,11 @@ class RunFile(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
-    sae: dict[str, Any]
+    sae: dict[str, Any] = Field(default_factory=dict)
+    # A group of SAEs trained from one model pass (group_config.py): a list of SAE tables,
+    # or a grid over SAE fields.
+    saes: list[dict[str, Any]] | None = None
+    sweep: dict[str, Any] | None = None
     logger: dict[str, Any] = Field(default_factory=dict)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     tiny_random: TinyRandomConfig | None = None
@@ -135,6 +139,9 @@ class RunSettings:
     tiny_random: TinyRandomConfig | None
     # Lines for train.log about fields lenslab accepts but does itself (fields.REPLACED).
     notes: tuple[str, ...] = ()
+    # A group run: each SAE's own settings, exactly those of that SAE trained alone (its
+    # ``name`` is the SAE's name within the group). Empty for a single-SAE run.
+    group: tuple[RunSettings, ...] = ()
 
     def comparable(self) -> dict[str, Any]:
         """Everything that defines the run, as plain JSON values (saved as run-config.json)."""
@@ -148,6 +155,10 @@ class RunSettings:
                     "logger": self.logger_fields,
                     "resilience": self.resilience.model_dump(),
                     "tiny_random": self.tiny_random.model_dump() if self.tiny_random else None,
+                    # Only a group has the key, so a single run's config (and hash) is as before.
+                    # Its SAEs share [resilience] and [logger]; by position, so that the
+                    # harmless fields below stay harmless per SAE ("group.3.runner.device").
+                    **({"group": {str(i): _member_part(m) for i, m in enumerate(self.group)}} if self.group else {}),
                 },
                 sort_keys=True,
                 default=str,
@@ -214,7 +225,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def resume_relevant(comparable: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flatten(comparable).items() if not k.startswith(HARMLESS_PREFIXES)}
+    return {k: v for k, v in flatten(comparable).items() if not _harmless(k)}
+
+
+def _harmless(key: str) -> bool:
+    if key.startswith("group."):  # group.<index>.<field of that SAE>
+        key = key.split(".", 2)[-1]
+    return key.startswith(HARMLESS_PREFIXES)
+
+
+def _member_part(member: RunSettings) -> dict[str, Any]:
+    return {k: v for k, v in member.comparable().items() if k not in ("resilience", "logger")}
 
 
 def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -236,10 +257,21 @@ def load_run_file(path: str | Path) -> RunSettings:
         raise RunConfigError(f"{source}: cannot read the run file: {exc}") from exc
 
     _check_finite(source, raw)
+    if "saes" in raw or "sweep" in raw:
+        from lenslab_workspace.train.group_config import load_group
+
+        return load_group(source, raw)
+    return settings_from_raw(source, raw)
+
+
+def settings_from_raw(source: Path, raw: dict[str, Any]) -> RunSettings:
+    """Validate one SAE's run file, already read as TOML."""
     try:
         run = RunFile.model_validate(raw)
     except pydantic.ValidationError as exc:
         raise RunConfigError(f"{source}: {describe(exc)}") from exc
+    if "sae" not in raw:
+        raise RunConfigError(f"{source}: field 'sae': is required (the [sae] table: architecture, d_in, d_sae, ...)")
 
     runner_fields = validate_dataclass_fields(source, "", runner_field_types(), dict(run.model_extra or {}))
     check_refused(source, runner_fields)

@@ -7,6 +7,11 @@ position. lenslab instead tokenizes the dataset once into a fixed-width array of
 (``concat_and_batch_sequences``), and activations are mixed exactly as its ``mixing_buffer``
 mixes them, but with the buffer held in an object whose contents are part of the
 checkpoint: a resumed run is served the very same batches.
+
+The array is written by a background thread (tokenfile.py) while training reads its first
+rows. With ``prefetch_llm_batches`` the model's forward passes run ahead in another thread
+(prefetch.py); while it is on, only that thread runs the model (TransformerLens's
+``run_with_cache`` is not thread-safe).
 """
 
 from __future__ import annotations
@@ -16,17 +21,19 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
+import threading
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 
-from lenslab_workspace.train.atomic import fsync_dir, write_json_atomic
+from lenslab_workspace.train.atomic import write_json_atomic
 from lenslab_workspace.train.dataset import ByteTokenizer, iterate_sequences, root_reason
 from lenslab_workspace.train.errors import DataError
+from lenslab_workspace.train.prefetch import POLL_SECONDS, Prefetcher
+from lenslab_workspace.train.tokenfile import ArrayRows, TokenFile, TokenRows
 
 # ByteTokenizer, iterate_sequences and root_reason live in dataset.py; the token array's
 # readers import them from here too.
@@ -37,6 +44,8 @@ __all__ = [
     "dataset_key",
     "iterate_sequences",
     "materialize_tokens",
+    "open_token_rows",
+    "prefetch_depth",
     "root_reason",
     "sequences_needed",
 ]
@@ -140,7 +149,23 @@ def materialize_tokens(
     reuse_from: tuple[Path, ...] = (),
     exclude_tokens: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """Tokenize once into ``data/tokens-<key>.npy`` (atomically) and memory-map it.
+    """The whole token array of ``open_token_rows``, memory-mapped, once it is complete."""
+    rows = open_token_rows(runner, model, tokenizer, data_dir, tokenizer_name, limit, reuse_from, exclude_tokens)
+    return rows.array if isinstance(rows, ArrayRows) else rows.wait_complete()
+
+
+def open_token_rows(
+    runner: dict[str, Any],
+    model: Any,
+    tokenizer: Any,
+    data_dir: Path,
+    tokenizer_name: str,
+    limit: int,
+    reuse_from: tuple[Path, ...] = (),
+    exclude_tokens: torch.Tensor | None = None,
+) -> ArrayRows | TokenFile:
+    """``data/tokens-<key>.npy`` memory-mapped if it exists, else a ``TokenFile`` that makes it
+    in the background (continuing a partial one an earlier launch left).
 
     ``limit`` sequences' worth of training positions are stored. With ``exclude_tokens`` the
     positions the stream drops do not count, so more rows are stored: SAELens reads new rows
@@ -149,49 +174,32 @@ def materialize_tokens(
     exclude = None if exclude_tokens is None else [int(t) for t in exclude_tokens.tolist()]
     target = data_dir / f"tokens-{dataset_key(runner, tokenizer_name, limit, data_dir, exclude)}.npy"
     if target.exists():
-        return cast(np.ndarray, np.load(target, mmap_mode="r"))
+        return ArrayRows(np.load(target, mmap_mode="r"))
     for other in reuse_from:
         if (other / target.name).is_file():  # --fresh: the set-aside run tokenized the same data
             data_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(other / target.name, target)
             log.info("reusing the tokenized dataset %s", target.name)
-            return cast(np.ndarray, np.load(target, mmap_mode="r"))
+            return ArrayRows(np.load(target, mmap_mode="r"))
     context_size = runner.get("context_size", 128)
     positions = slice(*runner.get("seqpos_slice", (None,)))
     needed = limit * len(range(context_size)[positions])
-    rows: list[torch.Tensor] = []
-    kept = 0
-    for sequence in iterate_sequences(runner, model, tokenizer):
-        rows.append(sequence.to(torch.int32))
-        used = sequence[positions]
-        kept += int(used.numel() if exclude_tokens is None else (~torch.isin(used, exclude_tokens.cpu())).sum())
-        if kept >= needed:
-            break
-    if not rows:
-        raise DataError(
-            f"dataset_path {runner['dataset_path']}: empty: it yields no complete sequence of {context_size} tokens "
-            "(no rows, or too little text in all); add data or lower context_size"
-        )
-    log.info("tokenized %d sequences of %d tokens into %s", len(rows), context_size, target.name)
-    _save_array(target, torch.stack(rows).numpy())
-    return cast(np.ndarray, np.load(target, mmap_mode="r"))
+    return TokenFile(runner, model, tokenizer, target, needed, exclude_tokens)
 
 
-def _save_array(target: Path, array: np.ndarray) -> None:
-    """Write aside, fsync, rename: no half-written array ever has the target's name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:  # a full disk or a signal: no half-written array stays behind
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(target.parent)
+def prefetch_depth(runner: dict[str, Any]) -> int:
+    """How many model batches the prefetch thread may run ahead: ``prefetch_llm_batches``
+    (``true`` is 1, as in SAELens) times the model batches one mixing-buffer refill takes, so
+    a whole refill's forward passes overlap the training steps before it. 0: no prefetch."""
+    setting = runner.get("prefetch_llm_batches", False)
+    size = (1 if setting else 0) if isinstance(setting, bool) else int(setting)
+    if size <= 0:
+        return 0
+    context = len(range(runner.get("context_size", 128))[slice(*runner.get("seqpos_slice", (None,)))])
+    kept = float(runner.get("activations_mixing_fraction", 0.5))
+    refill = int(runner.get("n_batches_in_buffer", 20)) * context * (1 - kept)
+    per_batch = max(1, int(runner.get("store_batch_size_prompts", 32)) * context)
+    return size * max(1, math.ceil(refill / per_batch))
 
 
 class ActivationStream:
@@ -205,7 +213,7 @@ class ActivationStream:
     def __init__(
         self,
         model: Any,
-        tokens: np.ndarray,
+        tokens: np.ndarray | TokenRows,
         runner: dict[str, Any],
         d_in: int,
         exclude_tokens: torch.Tensor | None,
@@ -213,7 +221,7 @@ class ActivationStream:
         from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
 
         self.model = model
-        self.tokens = tokens
+        self.tokens: TokenRows = ArrayRows(tokens) if isinstance(tokens, np.ndarray) else tokens
         self.hook_name: str = runner.get("hook_name", "blocks.0.hook_mlp_out")
         self.hook_head_index: int | None = runner.get("hook_head_index")
         self.seqpos_slice = slice(*runner.get("seqpos_slice", (None,)))
@@ -238,12 +246,16 @@ class ActivationStream:
                 f"n_batches_in_buffer x context ({self.buffer_size} tokens) is smaller than "
                 f"train_batch_size_tokens ({self.batch_size}); raise n_batches_in_buffer"
             )
-        if tokens.shape[0] < self.store_batch_size:
+        # Waits for the first rows of a dataset still being tokenized (and for its errors).
+        available = self.tokens.available(self.store_batch_size)
+        if available is not None and available < self.store_batch_size:
             raise DataError(
-                f"the dataset has {tokens.shape[0]} sequences, fewer than store_batch_size_prompts "
+                f"the dataset has {available} sequences, fewer than store_batch_size_prompts "
                 f"({self.store_batch_size}); use more data or a smaller store_batch_size_prompts"
             )
-        self.position = 0
+        self.prefetch = prefetch_depth(runner)
+        self._prefetcher: Prefetcher[tuple[int, int, torch.Tensor]] | None = None
+        self.position = 0  # of the next model batch the mixing buffer takes (never one in flight)
         self.epoch = 0
         self._storage: torch.Tensor | None = None
         self._serving: torch.Tensor | None = None
@@ -277,18 +289,57 @@ class ActivationStream:
         self._storage = self._storage[serving_cutoff:]
         self._served = 0
 
+    def _llm_batch(self) -> torch.Tensor:
+        """The next model batch's activations: made here, or taken from the prefetch thread."""
+        if not self.prefetch:
+            return self._activations(self._advance())
+        if self._prefetcher is None:  # started lazily: a resume sets the position first
+            cursor = [self.position, self.epoch]
+            self._prefetcher = Prefetcher(lambda stop: self._produce(cursor, stop), self.prefetch, "lenslab-prefetch")
+        position, epoch, activations = self._prefetcher.take()
+        self._advance(position, epoch)
+        return activations
+
     def _next_tokens(self) -> torch.Tensor:
-        if self.position + self.store_batch_size > self.tokens.shape[0]:
-            log.warning("all sequences of the dataset have been used; beginning epoch %d", self.epoch + 1)
-            self.position = 0
-            self.epoch += 1
-        rows = self.tokens[self.position : self.position + self.store_batch_size]
-        self.position += self.store_batch_size
-        return torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        """The next model batch's token rows, moving the position past them (no prefetch)."""
+        position = self._advance()
+        return torch.from_numpy(np.asarray(self.tokens.read(position, self.store_batch_size), dtype=np.int64))
+
+    def _advance(self, position: int | None = None, epoch: int | None = None) -> int:
+        """Move past the batch at ``position`` (found here unless the prefetch thread found it)."""
+        if position is None or epoch is None:
+            found = self._rows_at(self.position, self.epoch, None)
+            assert found is not None  # no timeout: it waits for the rows
+            position, epoch = found
+        if epoch != self.epoch:
+            log.warning("all sequences of the dataset have been used; beginning epoch %d", epoch)
+        self.position, self.epoch = position + self.store_batch_size, epoch
+        return position
+
+    def _produce(self, cursor: list[int], stop: threading.Event) -> tuple[int, int, torch.Tensor] | None:
+        """In the prefetch thread: the model batch at ``cursor``, which then moves on."""
+        while (found := self._rows_at(cursor[0], cursor[1], POLL_SECONDS)) is None:
+            if stop.is_set():
+                return None
+        position, epoch = found
+        cursor[0], cursor[1] = position + self.store_batch_size, epoch
+        return position, epoch, self._activations(position)
+
+    def _rows_at(self, position: int, epoch: int, timeout: float | None) -> tuple[int, int] | None:
+        """Where the batch from ``position`` really starts: past the last whole batch of the
+        array, at its beginning, in the next epoch. ``None``: the rows are not tokenized yet."""
+        available = self.tokens.available(position + self.store_batch_size, timeout)
+        if available is None:
+            return None
+        if position + self.store_batch_size > available:
+            return 0, epoch + 1
+        return position, epoch
 
     @torch.no_grad()
-    def _llm_batch(self) -> torch.Tensor:
-        batch_tokens = self._next_tokens().to(self.model.cfg.device)
+    def _activations(self, position: int) -> torch.Tensor:
+        """The hook's activations for the rows at ``position``: a function of them and the model only."""
+        rows = self.tokens.read(position, self.store_batch_size)
+        batch_tokens = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.model.cfg.device)
         with torch.autocast(
             device_type=torch.device(self.model.cfg.device).type, dtype=torch.bfloat16, enabled=self.autocast_lm
         ):
@@ -318,8 +369,26 @@ class ActivationStream:
         return {"position": self.position, "epoch": self.epoch, "storage": storage, "serving": remaining}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | str) -> None:
+        self.close()  # batches prefetched from the old position are not the checkpoint's
         self.position = int(state["position"])
         self.epoch = int(state["epoch"])
         self._storage = None if state["storage"] is None else state["storage"].to(device)
         self._serving = None if state["serving"] is None else state["serving"].to(device)
         self._served = 0
+
+    def close(self) -> None:
+        """Stop the prefetch thread (if any); the next batch starts it again from ``position``."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def finish(self) -> None:
+        """At the end of a run: stop prefetching, and let the token array be completed (what is
+        left is the margin of a few batches ``sequences_needed`` adds), so ``data/`` holds it whole
+        for a later evaluation. A bad row in that margin, never read by training, is only logged."""
+        self.close()
+        if isinstance(self.tokens, TokenFile):
+            try:
+                self.tokens.wait_complete()
+            except DataError as exc:
+                log.warning("the token array was not completed: %s", exc)

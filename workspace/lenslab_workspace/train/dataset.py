@@ -4,12 +4,17 @@ The dataset is a local file or directory or a Hugging Face dataset; its columns 
 vs tokens exactly as in SAELens 6.54's ``ActivationsStore``, and text is tokenized and
 concatenated with SAELens's own ``concat_and_batch_sequences`` (and its chat template
 helper for ``use_chat_formatting``).
+
+``resumable_sequences`` also says where it stands after each dataset row (rows read, and the
+tokens already concatenated but not yet a whole sequence), so tokenizing can stop anywhere and
+continue later from that point to the very same sequences.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +81,10 @@ def load_dataset(runner: dict[str, Any]) -> Any:
                 )
             if kind == "arrow":
                 return datasets.Dataset.from_file(str(path))
-            return datasets.load_dataset(kind, data_files=str(path), split="train")
+            # A local file is streamed only when the run file asks: it is then read as it is
+            # tokenized, instead of being converted to Arrow as a whole first.
+            streamed = runner.get("streaming") is True
+            return datasets.load_dataset(kind, data_files=str(path), split="train", streaming=streamed)
         return datasets.load_dataset(
             source,
             split="train",
@@ -117,64 +125,131 @@ def choose_column(runner: dict[str, Any], columns: list[str]) -> tuple[str, bool
     return column, tokenized
 
 
-def iterate_rows(runner: dict[str, Any]) -> tuple[bool, Iterator[Any]]:
-    """Whether the rows are token ids, and the rows of the chosen column."""
+def iterate_rows(runner: dict[str, Any], skip: int = 0) -> tuple[bool, Iterator[Any]]:
+    """Whether the rows are token ids, and the rows of the chosen column from row ``skip`` on."""
     dataset = load_dataset(runner)
     columns = list(dataset.column_names or [])
     if not columns:  # a streamed dataset may not know its columns before its first row
         first = next(iter(dataset), None)
         columns = list(first.keys()) if isinstance(first, dict) else []
     column, tokenized = choose_column(runner, columns)
+    if skip:  # rows tokenized by an earlier launch: read past, not tokenized again
+        dataset = dataset.skip(skip)
     return tokenized, (row[column] for row in dataset)
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where the sequences stand after a whole dataset row: enough to continue from there."""
+
+    rows: int  # dataset rows read
+    carry: torch.Tensor | None  # tokens concatenated since the last whole sequence
 
 
 def iterate_sequences(runner: dict[str, Any], model: Any, tokenizer: Any) -> Iterator[torch.Tensor]:
     """Fixed-length token sequences, made the way SAELens's ActivationsStore makes them."""
+    for item in resumable_sequences(runner, model, tokenizer):
+        if isinstance(item, torch.Tensor):
+            yield item
+
+
+def resumable_sequences(
+    runner: dict[str, Any], model: Any, tokenizer: Any, start: Boundary | None = None
+) -> Iterator[torch.Tensor | Boundary]:
+    """The sequences of ``iterate_sequences``, each dataset row followed by its ``Boundary``;
+    from ``start`` (a boundary seen before) the sequences after it, the same as before."""
     from sae_lens.pretokenize_runner import get_special_token_from_cfg
-    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 
     context_size = runner.get("context_size", 128)
-    source = runner["dataset_path"]
-    tokenized, rows = iterate_rows(runner)
+    first = start.rows if start is not None else 0
+    tokenized, rows = iterate_rows(runner, skip=first)
     if tokenized:
-        for index, row in enumerate(rows):
-            if not isinstance(row, list | tuple) or not all(type(t) is int for t in row):
-                raise DataError(
-                    f"dataset_path {source}: row {index} is {_kind(row)}, not a list of token ids; "
-                    "fix the row, or store text in a 'text' column"
-                )
-            tokens = torch.as_tensor(row[:context_size], dtype=torch.long)
-            if tokens.shape[0] < context_size:
-                raise DataError(
-                    f"dataset_path {runner['dataset_path']}: a pre-tokenized row has {tokens.shape[0]} tokens, "
-                    f"fewer than context_size = {context_size}; lower context_size or re-tokenize"
-                )
-            yield tokens
+        for index, row in enumerate(rows, start=first):
+            yield _token_row(runner, index, row, context_size)
+            yield Boundary(index + 1, None)
         return
-
     bos = tokenizer.bos_token_id if tokenizer is not None else None
     separator_cfg = runner.get("sequence_separator_token", "bos")
     if isinstance(tokenizer, ByteTokenizer):
         separator = bos if separator_cfg in ("bos", "eos", "sep") else separator_cfg
     else:
         separator = get_special_token_from_cfg(separator_cfg, tokenizer) if tokenizer is not None else None
-    yield from concat_and_batch_sequences(
-        tokens_iterator=_tokenize(runner, rows, model, tokenizer),
-        context_size=context_size,
-        begin_batch_token_id=bos if runner.get("prepend_bos", True) else None,
-        begin_sequence_token_id=None,
-        sequence_separator_token_id=separator,
-        disable_concat_sequences=runner.get("disable_concat_sequences", False),
+    yield from _concatenate(
+        _tokenize(runner, rows, model, tokenizer, first),
+        context_size,
+        bos if runner.get("prepend_bos", True) else None,
+        separator,
+        bool(runner.get("disable_concat_sequences", False)),
+        start,
     )
 
 
-def _tokenize(runner: dict[str, Any], rows: Iterator[Any], model: Any, tokenizer: Any) -> Iterator[torch.Tensor]:
+def _token_row(runner: dict[str, Any], index: int, row: Any, context_size: int) -> torch.Tensor:
+    source = runner["dataset_path"]
+    if not isinstance(row, list | tuple) or not all(type(t) is int for t in row):
+        raise DataError(
+            f"dataset_path {source}: row {index} is {_kind(row)}, not a list of token ids; "
+            "fix the row, or store text in a 'text' column"
+        )
+    tokens = torch.as_tensor(row[:context_size], dtype=torch.long)
+    if tokens.shape[0] < context_size:
+        raise DataError(
+            f"dataset_path {source}: a pre-tokenized row has {tokens.shape[0]} tokens, "
+            f"fewer than context_size = {context_size}; lower context_size or re-tokenize"
+        )
+    return tokens
+
+
+def _concatenate(
+    token_rows: Iterator[torch.Tensor],
+    context_size: int,
+    bos: int | None,
+    separator: int | None,
+    no_concat: bool,
+    start: Boundary | None,
+) -> Iterator[torch.Tensor | Boundary]:
+    """SAELens's ``concat_and_batch_sequences``, one dataset row at a time, with its state (the
+    partial sequence) yielded after each row. Without concatenation rows are independent, so
+    SAELens's function itself runs on each; with it, its own step ``_add_tokens_to_batch``."""
+    from sae_lens.tokenization_and_batching import _add_tokens_to_batch, concat_and_batch_sequences
+
+    rows = start.rows if start is not None else 0
+    batch = start.carry if start is not None else None
+    for tokens in token_rows:
+        rows += 1
+        if no_concat:
+            yield from concat_and_batch_sequences(
+                iter([tokens]), context_size, bos, None, separator, disable_concat_sequences=True
+            )
+            yield Boundary(rows, None)
+            continue
+        offset, is_start = 0, True
+        while tokens.shape[0] - offset > 0:
+            batch, offset, is_start = _add_tokens_to_batch(
+                batch=batch,
+                tokens=tokens,
+                offset=offset,
+                context_size=context_size,
+                is_start_of_sequence=is_start,
+                begin_batch_token_id=bos,
+                begin_sequence_token_id=None,
+                sequence_separator_token_id=separator,
+            )
+            if batch.shape[0] == context_size:
+                yield batch
+                batch = None
+        yield Boundary(rows, batch)
+
+
+def _tokenize(
+    runner: dict[str, Any], rows: Iterator[Any], model: Any, tokenizer: Any, first: int = 0
+) -> Iterator[torch.Tensor]:
     """Text rows as token ids, as SAELens tokenizes them (a chat template when asked)."""
     source = runner["dataset_path"]
     chat = bool(runner.get("use_chat_formatting", False))
     if chat:
         from sae_lens.tokenization_and_batching import tokenize_with_chat_template
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows, start=first):
         if chat:
             if not isinstance(row, str | list):
                 raise DataError(f"dataset_path {source}: row {index} is {_kind(row)}, not a conversation or text")

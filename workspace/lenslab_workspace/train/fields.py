@@ -34,7 +34,8 @@ HONOURED: dict[str, str] = {
     "hook_head_index": "the data stream selects that head",
     "dataset_path": "a local file/directory or a Hugging Face dataset",
     "dataset_trust_remote_code": "passed to datasets.load_dataset",
-    "streaming": "passed to datasets.load_dataset",
+    "streaming": "passed to datasets.load_dataset (a local file too when set to true); tokenized in the background",
+    "prefetch_llm_batches": "the model's batches are made in a background thread (true = 1 refill ahead, n = n)",
     "is_dataset_tokenized": "as in SAELens 6.54 the columns decide (tokens/input_ids vs text/problem)",
     "use_chat_formatting": "rows are tokenized with the tokenizer's chat template",
     "context_size": "sequence length of the token array",
@@ -87,7 +88,6 @@ REPLACED: dict[str, str] = {
 
 REFUSED: dict[str, str] = {
     "use_cached_activations": "cached activations are not resumable by lenslab yet; set it to false",
-    "prefetch_llm_batches": "prefetching breaks exact resume; set it to false",
     "resume_from_checkpoint": "lenslab resumes by itself: run the same command again; remove the field",
     "compile_llm": "torch.compile is not supported by lenslab-train; set it to false",
     "compile_sae": "torch.compile is not supported by lenslab-train; set it to false",

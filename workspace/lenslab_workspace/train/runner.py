@@ -35,7 +35,7 @@ from lenslab_workspace import __version__
 from lenslab_workspace.train import checkpoint as ckpt
 from lenslab_workspace.train.atomic import fsync_dir, write_json_atomic
 from lenslab_workspace.train.config import RunSettings
-from lenslab_workspace.train.data import ActivationStream, materialize_tokens, sequences_needed
+from lenslab_workspace.train.data import ActivationStream, open_token_rows, sequences_needed
 from lenslab_workspace.train.errors import (
     CheckpointError,
     ConfigChangedError,
@@ -183,11 +183,18 @@ class TrainingRun:
         self._log_handler.setFormatter(LOG_FORMAT)
         log.addHandler(self._log_handler)
         logging.getLogger("py.warnings").addHandler(self._log_handler)
-        total = self.settings.runner_fields.get("training_tokens", 0)
-        self.status = StatusFile(self.run.status_file, self.settings.name, total)
+        self.status = self._new_status()
         self.status.write()  # "starting": the launch has begun
         ckpt.remove_unfinished(self.run.checkpoints)
         self.stop.install()
+
+    def _new_status(self) -> StatusFile:
+        total = self.settings.runner_fields.get("training_tokens", 0)
+        return StatusFile(self.run.status_file, self.settings.name, total)
+
+    def _read_states(self, checkpoint: Path) -> dict[str, dict[str, Any]]:
+        """A checkpoint's state files, read as data only (``CheckpointError`` if refused)."""
+        return load_states(checkpoint)
 
     def _fail(self, exc: BaseException) -> BaseException:
         """Record a failed launch; return the exception the CLI shows (one line)."""
@@ -262,7 +269,7 @@ class TrainingRun:
             raise CheckpointError(
                 f"it belongs to another config (hash {manifest['config_hash']}, this run's is {self.config_hash})"
             )
-        return manifest, load_states(tmp)
+        return manifest, self._read_states(tmp)
 
     def _load(self, path: Path, manifest: dict[str, Any]) -> FoundCheckpoint | None:
         """Read a checkpoint's state files as data only; a refused one is moved aside."""
@@ -272,7 +279,7 @@ class TrainingRun:
                 "start over with --fresh or use a new run name"
             )
         try:
-            return FoundCheckpoint(path, manifest, load_states(path))
+            return FoundCheckpoint(path, manifest, self._read_states(path))
         except CheckpointError as exc:
             aside = path.with_name(f".refused-{path.name}-{int(time.time())}")
             os.rename(path, aside)
@@ -296,7 +303,7 @@ class TrainingRun:
         check_hook(self.settings, model, cfg.sae.d_in)
         stream_context = len(range(cfg.context_size)[slice(*cfg.seqpos_slice)])
         exclude = build_exclude_tokens(fields, tokenizer)
-        tokens = materialize_tokens(
+        tokens = open_token_rows(  # tokenized in the background: training starts on the first rows
             fields,
             model,
             tokenizer,
@@ -380,6 +387,7 @@ class TrainingRun:
                 self._report(trainer, writer, None, {}, state="interrupted", message=message)
                 return Outcome(EXIT_INTERRUPTED, message + "; run the same command to continue")
             writer.wait()
+            stream.finish()  # the prefetch thread stops; the token array is completed
             if not self.run.config_file.exists():  # a run too short for a checkpoint: pin it now
                 write_json_atomic(self.run.config_file, self.settings.comparable())
             if wb is not None:
@@ -464,4 +472,8 @@ class TrainingRun:
 
 
 def train(settings: RunSettings, runs_dir: Path, fresh: bool = False) -> Outcome:
+    if settings.group:  # several SAEs from one model pass
+        from lenslab_workspace.train.group import GroupRun
+
+        return GroupRun(settings, runs_dir, fresh).execute()
     return TrainingRun(settings, runs_dir, fresh).execute()

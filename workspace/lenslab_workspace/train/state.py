@@ -141,13 +141,9 @@ def scaler_state(trainer: Any) -> dict[str, Any]:
     }
 
 
-def take_snapshot(trainer: Any, stream: ActivationStream, config_hash: str, versions: dict[str, str]) -> Snapshot:
-    """Copy the small state now; leave the large tensors to ``Snapshot.stage`` (background)."""
-    sae = trainer.sae
-    deferred: list[tuple[dict[Any, Any] | list[Any], Any, torch.Tensor]] = []
-    weights = detached_copy(dict(sae.state_dict()), deferred)
-    sae_cfg = sae.cfg.to_dict()
-    trainer_state = detached_copy(
+def trainer_state_copy(trainer: Any, deferred: list[tuple[dict[Any, Any] | list[Any], Any, torch.Tensor]]) -> Any:
+    """SAETrainer's state (optimizer, schedulers, counters), its large tensors left to ``stage``."""
+    return detached_copy(
         {
             "optimizer": trainer.optimizer.state_dict(),
             "lr_scheduler": trainer.lr_scheduler.state_dict(),
@@ -156,6 +152,15 @@ def take_snapshot(trainer: Any, stream: ActivationStream, config_hash: str, vers
         },
         deferred,
     )
+
+
+def take_snapshot(trainer: Any, stream: ActivationStream, config_hash: str, versions: dict[str, str]) -> Snapshot:
+    """Copy the small state now; leave the large tensors to ``Snapshot.stage`` (background)."""
+    sae = trainer.sae
+    deferred: list[tuple[dict[Any, Any] | list[Any], Any, torch.Tensor]] = []
+    weights = detached_copy(dict(sae.state_dict()), deferred)
+    sae_cfg = sae.cfg.to_dict()
+    trainer_state = trainer_state_copy(trainer, deferred)
     # The stream's buffers are never written in place (each refill makes new tensors), so
     # holding references is as good as a copy; moving them off a GPU is left to staging.
     stream_state = stream.state_dict()
@@ -264,14 +269,23 @@ def restore(
 ) -> None:
     """Load a verified checkpoint (its ``.pt`` files already read by ``load_states``) into a
     freshly built trainer and stream."""
+    extra = states[LENSLAB_STATE]
+    restore_trainer(trainer, checkpoint / SAE_WEIGHTS, states[TRAINER_STATE], extra["scaler"], device)
+    stream.load_state_dict(extra["stream"], device=stream_device(stream))
+    restore_rng_states(extra["rng"])
+
+
+def restore_trainer(
+    trainer: Any, weights_file: Path, state: dict[str, Any], scaler: dict[str, Any], device: str
+) -> None:
+    """One SAE's weights, optimizer, schedulers, counters and activation scaler."""
     from sae_lens.training.activation_scaler import ActivationWhitening
     from safetensors.torch import load_file
 
-    weights = load_file(str(checkpoint / SAE_WEIGHTS), device=device)
+    weights = load_file(str(weights_file), device=device)
     trainer.sae.process_state_dict_for_loading(weights)
     trainer.sae.load_state_dict(weights)
 
-    state = states[TRAINER_STATE]
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
     for name in TRAINER_FIELDS:
@@ -279,14 +293,10 @@ def restore(
     for name, scheduler_state in state["coefficient_schedulers"].items():
         trainer.coefficient_schedulers[name].load_state_dict(scheduler_state)
 
-    extra = states[LENSLAB_STATE]
-    scaler = extra["scaler"]
     trainer.activation_scaler.scaling_factor = scaler["scaling_factor"]
     if scaler["whitening"] is not None:
         whitening = {k: _to_device(v, device) for k, v in scaler["whitening"].items()}
         trainer.activation_scaler.whitening = ActivationWhitening(**whitening)
-    stream.load_state_dict(extra["stream"], device=stream_device(stream))
-    restore_rng_states(extra["rng"])
 
 
 def stream_device(stream: ActivationStream) -> str:

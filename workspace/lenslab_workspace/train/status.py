@@ -23,6 +23,12 @@ Schema (version 1), every key always present:
       "started_at": float, "updated_at": float    unix seconds
     }
 
+A group run (several SAEs from one model pass) has the same keys, the counters and losses
+being the group's (its SAEs step in lockstep; ``losses`` are the first SAE's), plus one more:
+
+      "saes": [{"name": str, "architecture": str, "hook_name": str, "d_sae": int,
+                "losses": {str: float}}, ...]     one entry per SAE, in the run file's order
+
 It is replaced atomically (write aside, fsync, rename), so a reader never sees half a file.
 
 A launch writes it ("starting") as soon as its run directory exists, and a launch that then
@@ -101,7 +107,7 @@ def is_alive(status: dict[str, Any]) -> bool | None:
 
 
 class StatusFile:
-    def __init__(self, path: Path, name: str, tokens_total: int) -> None:
+    def __init__(self, path: Path, name: str, tokens_total: int, saes: list[dict[str, Any]] | None = None) -> None:
         self.path = path
         self.started_at = time.time()
         self.fields: dict[str, Any] = {
@@ -125,6 +131,8 @@ class StatusFile:
             "started_at": self.started_at,
             "updated_at": self.started_at,
         }
+        if saes is not None:  # a group run: one entry per SAE
+            self.fields["saes"] = saes
 
     def update(self, **fields: Any) -> None:
         unknown = fields.keys() - self.fields.keys()

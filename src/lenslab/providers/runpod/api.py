@@ -35,8 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
-
+from lenslab.providers.lean_httpx import httpx
 from lenslab.providers.offers import (
     CloudError,
     CloudKeyRefused,

@@ -90,7 +90,12 @@ class RunPodProvider(ContainerCloud):
     starter_notes: ClassVar[str] = """\
 # For provider = "runpod": the pod runs lenslab's image; your data lives on the network volume
 # lenslab-<project> (mounted at /lab, kept by `lenslab down`, deleted by `lenslab down --purge`).
+# image = "stock" runs RunPod's own PyTorch image instead: `lenslab up` installs lenslab into a
+# venv on the volume at first start (from build_context) and reuses it later.
 """
+    # RunPod's stock PyTorch image (``image = "stock"``): its /start.sh puts PUBLIC_KEY into
+    # root's authorized_keys and starts sshd on port 22.
+    stock_image: ClassVar[str] = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
     api_url_env: ClassVar[str] = "RUNPOD_API_URL"
     instance_id_env: ClassVar[str] = "RUNPOD_POD_ID"  # set by RunPod in every pod
     default_api_url: ClassVar[str] = GRAPHQL_URL

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lenslab.providers.container_box import BOX_SSH_PORT
+from lenslab.providers.container_box import BOX_SSH_PORT, STOCK_SSH_PORT
 from lenslab.providers.offers import (
     PREEMPTED,
     RUNNING,
@@ -23,6 +23,8 @@ from lenslab.providers.offers import (
     Offer,
     Shape,
 )
+
+SSH_PORTS = (BOX_SSH_PORT, STOCK_SSH_PORT)  # the container's sshd, in order of preference
 
 PROVIDER = "RunPod"
 FIX = "RunPod may be having trouble, or the RunPod API URL points at something else; try again later"
@@ -198,11 +200,13 @@ def gpu_type(shape: Shape, entry: Any, where: str) -> GpuType:
     )
 
 
-def pod(shape: Shape, entry: Any, where: str, ssh_port: int = BOX_SSH_PORT) -> Pod:
-    """A pod; its SSH address is the public one mapped to the container's ``ssh_port``."""
+def pod(shape: Shape, entry: Any, where: str, ssh_ports: tuple[int, ...] = SSH_PORTS) -> Pod:
+    """A pod; its SSH address is the public one mapped to the first of ``ssh_ports`` the
+    container exposes (lenslab's image: 2222; a stock image's sshd: 22)."""
     item = shape.obj(entry, where)
     runtime = item.get("runtime")
     host, port, uptime = None, None, None
+    rank = len(ssh_ports)
     if runtime is not None:
         uptime = shape.number(
             shape.obj(runtime, f"{where}.runtime"), "uptimeInSeconds", f"{where}.runtime", optional=True
@@ -212,7 +216,9 @@ def pod(shape: Shape, entry: Any, where: str, ssh_port: int = BOX_SSH_PORT) -> P
             at = f"{where}.runtime.ports[{index}]"
             entry_ = shape.obj(raw, at)
             public = shape.flag(entry_, "isIpPublic", at, optional=True)
-            if shape.whole(entry_, "privatePort", at, optional=True) == ssh_port and public:
+            private = shape.whole(entry_, "privatePort", at, optional=True)
+            if public and private in ssh_ports and ssh_ports.index(private) < rank:
+                rank = ssh_ports.index(private)
                 host = shape.text(entry_, "ip", at)
                 port = shape.whole(entry_, "publicPort", at)
     machine, gpu_name = item.get("machine"), None

@@ -28,6 +28,11 @@ from lenslab.providers.vast.records import InstanceSpec
 if TYPE_CHECKING:
     from lenslab.config import BoxConfig
 
+# Run at start in a stock image's container (as root): the box's key, handed in as PUBLIC_KEY.
+STOCK_ONSTART = (
+    'install -d -m 700 /root/.ssh && printf "%s\\n" "$PUBLIC_KEY" >> /root/.ssh/authorized_keys '
+    "&& chmod 600 /root/.ssh/authorized_keys"
+)
 DISK_GB = 64.0  # the instance's own disk (lost when destroyed): image, caches, the current run
 
 
@@ -77,7 +82,10 @@ class VastProvider(ContainerCloud):
 # mirror = "s3://my-bucket/lenslab"
 # and the variables of your shell the box needs to write there (copied to a mode-600 file):
 # mirror_env = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+# image = "stock" runs the pytorch/pytorch image instead, lenslab installed at `lenslab up`.
 """
+    # The PyTorch project's own image (``image = "stock"``), which vast.ai's templates run.
+    stock_image: ClassVar[str] = "pytorch/pytorch:2.4.1-cuda12.4-cudnn9-devel"
     api_url_env: ClassVar[str] = "VAST_API_URL"
     instance_id_env: ClassVar[str] = "CONTAINER_ID"  # set by vast.ai in every instance
     default_api_url: ClassVar[str] = API_BASE
@@ -102,7 +110,11 @@ class VastProvider(ContainerCloud):
     def _create(self, api: CloudApi, cfg: BoxConfig, plan: LaunchPlan, spec: LaunchSpec) -> str:
         assert isinstance(api, VastApi), "instances are vast.ai's own API"
         env = {**spec.env, f"-p {spec.port}:{spec.port}": "1", "LENSLAB_MIRROR": cfg.mirror or ""}
-        request = InstanceSpec(label=spec.name, image=spec.image, disk_gb=DISK_GB, env=env, args=spec.command)
+        # A stock image (no command of lenslab's) runs with vast.ai's ssh runtype: vast.ai's
+        # sshd as root on port 22; ``onstart`` admits the box's key beside the account's.
+        onstart = "" if spec.command else STOCK_ONSTART
+        request = InstanceSpec(label=spec.name, image=spec.image, disk_gb=DISK_GB, env=env, args=spec.command,
+                               onstart=onstart)  # fmt: skip
         return api.client.create_instance(plan.offer.offer_id, request, bid_price=plan.bid)
 
     def resume(self, cfg: BoxConfig, instance: Instance) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lenslab.providers.container_box import BOX_SSH_PORT
+from lenslab.providers.container_box import BOX_SSH_PORT, STOCK_SSH_PORT
 from lenslab.providers.offers import (
     PREEMPTED,
     RUNNING,
@@ -17,6 +17,8 @@ from lenslab.providers.offers import (
     Offer,
     Shape,
 )
+
+SSH_PORTS = (BOX_SSH_PORT, STOCK_SSH_PORT)  # the container's sshd, in order of preference
 
 PROVIDER = "vast.ai"
 FIX = "vast.ai may be having trouble, or the vast.ai API URL points at something else; try again later"
@@ -149,14 +151,17 @@ def offer(shape: Shape, entry: Any, where: str) -> VastOffer:
     )
 
 
-def instance(shape: Shape, entry: Any, where: str, ssh_port: int = BOX_SSH_PORT) -> VastInstance:
+def instance(shape: Shape, entry: Any, where: str, ssh_ports: tuple[int, ...] = SSH_PORTS) -> VastInstance:
     """An instance; its SSH address is ``public_ipaddr`` and the host port Docker mapped to the
-    container's ``ssh_port`` (``ports: {"2222/tcp": [{"HostIp", "HostPort"}]}``)."""
+    first of the container's ``ssh_ports`` it exposes (``ports: {"2222/tcp": [{"HostIp",
+    "HostPort"}]}``; lenslab's image: 2222, a stock image's sshd: 22)."""
     item = shape.obj(entry, where)
     host, port = None, None
     ports = item.get("ports")
     if ports is not None:
-        mapped = shape.obj(ports, f"{where}.ports").get(f"{ssh_port}/tcp")
+        exposed = shape.obj(ports, f"{where}.ports")
+        ssh_port = next((p for p in ssh_ports if f"{p}/tcp" in exposed), ssh_ports[0])
+        mapped = exposed.get(f"{ssh_port}/tcp")
         at = f"{where}.ports.{ssh_port}/tcp"
         bindings = [] if mapped is None else shape.items(mapped, at)
         if bindings:

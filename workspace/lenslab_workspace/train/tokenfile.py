@@ -1,0 +1,246 @@
+"""The token array, written by a background thread while training already reads it.
+
+Training needs only its first rows to start, so the dataset is tokenized in a thread into
+``data/.tokens-<key>.npy.partial`` (a ``.npy`` file whose header is rewritten with the final
+shape at the end) and readers wait only for the rows they ask for. Every second or so the
+thread records in ``.tokens-<key>.progress.json`` how many rows are in the file and where in
+the dataset they end (rows read, plus the tokens of a not yet whole sequence); a relaunch
+truncates the file to that many rows and continues from there. The complete array is renamed
+to ``tokens-<key>.npy``: the rows and their order are those of a tokenization in one go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from lenslab_workspace.train.atomic import fsync_dir, write_json_atomic
+from lenslab_workspace.train.dataset import Boundary, resumable_sequences
+from lenslab_workspace.train.errors import DataError
+from lenslab_workspace.train.prefetch import Prefetcher
+
+log = logging.getLogger("lenslab.train")
+
+HEADER_BYTES = 128  # fixed, so the final shape can be written over the first one in place
+DTYPE = np.dtype("<i4")
+FLUSH_ROWS = 1024  # rows handed to readers at a time (or FLUSH_SECONDS, whichever first)
+FLUSH_SECONDS = 0.1
+COMMIT_SECONDS = 1.0  # how often the progress record is made durable
+PROGRESS_VERSION = 1
+
+
+class TokenRows(Protocol):
+    """Rows of token ids that may still be arriving."""
+
+    def available(self, needed: int, timeout: float | None = None) -> int | None:
+        """Rows there are once ``needed`` exist or the array is complete (then its length);
+        ``None`` if ``timeout`` seconds pass first."""
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Rows ``start .. start + count`` (all present: ask ``available`` first)."""
+
+
+class ArrayRows:
+    """A complete array (memory-mapped or in memory) as ``TokenRows``."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def available(self, needed: int, timeout: float | None = None) -> int | None:
+        return int(self.array.shape[0])
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        return np.asarray(self.array[start : start + count])
+
+
+def npy_header(rows: int, columns: int) -> bytes:
+    """A version 1.0 ``.npy`` header of exactly ``HEADER_BYTES`` bytes (np.load reads it)."""
+    text = "{'descr': '<i4', 'fortran_order': False, 'shape': (" + f"{rows}, {columns}" + "), }"
+    body = text.ljust(HEADER_BYTES - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
+
+
+class TokenFile:
+    """``TokenRows`` of an array being tokenized by a background thread into ``target``.
+
+    ``needed`` positions (those ``positions`` selects of each row, less ``exclude`` tokens)
+    end the array, as the end of the dataset does.
+    """
+
+    def __init__(
+        self,
+        runner: dict[str, Any],
+        model: Any,
+        tokenizer: Any,
+        target: Path,
+        needed: int,
+        exclude: torch.Tensor | None,
+    ) -> None:
+        self.runner, self.model, self.tokenizer = runner, model, tokenizer
+        self.target, self.needed, self.exclude = target, needed, exclude
+        self.columns = int(runner.get("context_size", 128))
+        self.positions = slice(*runner.get("seqpos_slice", (None,)))
+        self.partial = target.with_name(f".{target.name}.partial")
+        self.progress = target.with_name(f".{target.stem}.progress.json")
+        self._cond = threading.Condition()
+        self._written = 0
+        self._complete = False
+        self._error: BaseException | None = None
+        self._fd = self._open_partial()
+        # Rows an earlier launch kept are readable at once, before the thread starts.
+        self._written, self._start, self._kept_before = self._resume_point()
+        self._thread: Prefetcher[None] = Prefetcher(self._produce, depth=1, name="lenslab-tokenize")
+
+    # -- readers ------------------------------------------------------------------------
+
+    def available(self, needed: int, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._error is not None:
+                    raise self._error
+                if self._complete or self._written >= needed:
+                    return self._written
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        size = count * self.columns * DTYPE.itemsize
+        data = os.pread(self._fd, size, HEADER_BYTES + start * self.columns * DTYPE.itemsize)
+        return np.frombuffer(data, dtype=DTYPE).reshape(count, self.columns)
+
+    def wait_complete(self) -> np.ndarray:
+        """The whole array, memory-mapped, once the thread has finished it."""
+        with self._cond:
+            while not self._complete and self._error is None:
+                self._cond.wait()
+        if self._error is not None:
+            raise self._error
+        return np.load(self.target, mmap_mode="r")  # type: ignore[no-any-return]
+
+    # -- the writer thread ------------------------------------------------------------------
+
+    def _open_partial(self) -> int:
+        """The partial file, locked; another process writing the same one makes this launch
+        write a private copy instead (both end as the same bytes under the same name)."""
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            self.partial = self.partial.with_name(f"{self.partial.name}-{os.getpid()}")
+            self.progress = self.progress.with_name(f"{self.progress.name}-{os.getpid()}")
+            fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        return fd
+
+    def _resume_point(self) -> tuple[int, Boundary | None, int]:
+        """Rows kept from an earlier launch, where the dataset stands after them, positions kept."""
+        try:
+            record = json.loads(self.progress.read_text())
+            rows, dataset_rows, kept = int(record["rows"]), int(record["dataset_rows"]), int(record["kept"])
+            carry = record["carry"]
+            valid = record["version"] == PROGRESS_VERSION and record["columns"] == self.columns
+            valid = valid and os.fstat(self._fd).st_size >= HEADER_BYTES + rows * self.columns * DTYPE.itemsize
+        except (OSError, ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            with contextlib.suppress(OSError):
+                self.progress.unlink()
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, npy_header(0, self.columns), 0)
+            return 0, None, 0
+        os.ftruncate(self._fd, HEADER_BYTES + rows * self.columns * DTYPE.itemsize)
+        log.info("continuing to tokenize the dataset after %d sequences (%d rows read)", rows, dataset_rows)
+        tail = None if carry is None else torch.tensor(carry, dtype=torch.long)
+        return rows, Boundary(dataset_rows, tail), kept
+
+    def _produce(self, stop: threading.Event) -> None:
+        try:
+            self._tokenize(stop)
+        except BaseException as exc:
+            if isinstance(exc, DataError):  # bad data: nothing half-made stays behind
+                for path in (self.progress, self.partial):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+        return None
+
+    def _tokenize(self, stop: threading.Event) -> None:
+        start, kept = self._start, self._kept_before
+        pending: list[np.ndarray] = []
+        last_flush = last_commit = time.monotonic()
+        for item in resumable_sequences(self.runner, self.model, self.tokenizer, start):
+            now = time.monotonic()
+            if isinstance(item, Boundary):
+                if stop.is_set() or now - last_commit >= COMMIT_SECONDS:
+                    self._flush(pending)
+                    self._commit(item, kept)
+                    last_commit = now
+                    if stop.is_set():
+                        return
+                continue
+            pending.append(item.to(torch.int32).numpy())
+            kept += self._kept(item)
+            if kept >= self.needed:
+                break
+            if len(pending) >= FLUSH_ROWS or now - last_flush >= FLUSH_SECONDS:
+                self._flush(pending)
+                last_flush = now
+        self._flush(pending)
+        self._finish()
+
+    def _kept(self, sequence: torch.Tensor) -> int:
+        used = sequence[self.positions]
+        if self.exclude is None:
+            return int(used.numel())
+        return int((~torch.isin(used, self.exclude.cpu())).sum())
+
+    def _flush(self, pending: list[np.ndarray]) -> None:
+        if not pending:
+            return
+        data = np.stack(pending).astype(DTYPE, copy=False)
+        offset = HEADER_BYTES + self._written * self.columns * DTYPE.itemsize
+        os.pwrite(self._fd, data.tobytes(), offset)
+        pending.clear()
+        with self._cond:
+            self._written += data.shape[0]
+            self._cond.notify_all()
+
+    def _commit(self, boundary: Boundary, kept: int) -> None:
+        os.fsync(self._fd)  # the rows first: the record never counts rows a crash could lose
+        carry = None if boundary.carry is None else [int(t) for t in boundary.carry.tolist()]
+        record = {"version": PROGRESS_VERSION, "columns": self.columns, "rows": self._written}
+        write_json_atomic(self.progress, {**record, "dataset_rows": boundary.rows, "carry": carry, "kept": kept})
+
+    def _finish(self) -> None:
+        if self._written == 0:
+            raise DataError(
+                f"dataset_path {self.runner['dataset_path']}: empty: it yields no complete sequence of "
+                f"{self.columns} tokens (no rows, or too little text in all); add data or lower context_size"
+            )
+        os.pwrite(self._fd, npy_header(self._written, self.columns), 0)
+        os.fsync(self._fd)
+        os.replace(self.partial, self.target)
+        fsync_dir(self.target.parent)
+        with contextlib.suppress(OSError):
+            self.progress.unlink()
+        log.info("tokenized %d sequences of %d tokens into %s", self._written, self.columns, self.target.name)
+        with self._cond:
+            self._complete = True
+            self._cond.notify_all()
