@@ -40,7 +40,7 @@ def sources(dest: Path) -> Path:
         if src.is_dir():
             shutil.copytree(src, dest / name, symlinks=True, ignore=ignore)
         else:
-            dest.mkdir(parents=True, exist_ok=True)
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     return dest
 

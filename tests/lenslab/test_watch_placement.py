@@ -48,6 +48,19 @@ def test_every_command_finds_the_box_where_it_was_moved() -> None:
     assert provider_for(cfg).name == "runpod"
     placement.path("b").write_text("{not json")
     assert provider_for(cfg).name == "runpod"
+    placement.path("b").write_text("[]")  # not a record
+    assert provider_for(cfg).name == "runpod"
+
+
+def test_a_record_made_under_another_lenslab_toml_is_ignored_and_forget_removes_it() -> None:
+    placement.move(box(), "vast")
+    # The user has since named another provider in lenslab.toml: that choice wins.
+    assert placement.where(box(provider="vast")) == "vast" and placement.moved_to(box(provider="vast")) is None
+    assert provider_for(box(provider="lambda", interruptible=False)).name == "lambda"
+    assert provider_for(box()).name == "vast"  # the lenslab.toml it was made under still finds it
+    placement.forget(box())
+    assert not placement.path("b").exists() and provider_for(box()).name == "runpod"
+    placement.forget(box())  # nothing to forget: fine
 
 
 def test_moving_carries_what_the_box_spent_into_the_new_ledger() -> None:
@@ -156,3 +169,18 @@ def json_provider() -> str:
     import json
 
     return str(json.loads(placement.path("b").read_text())["provider"])
+
+
+def test_spending_a_broken_off_move_left_behind_is_carried_when_a_watcher_starts() -> None:
+    # The move wrote the new home (vast), then the watcher was killed before carrying the money.
+    placement.move(box(), "vast")
+    ledgers.write("runpod", "b", ledgers.Ledger(spent_usd=1.5))
+    ledgers.write("vast", "b", ledgers.Ledger(spent_usd=0.25))
+    relocate.settle_spending("b", "vast")
+    assert ledgers.read("vast", "b").spent_usd == 1.75 and ledgers.read("runpod", "b") == ledgers.Ledger()
+    relocate.settle_spending("b", "vast")  # once only
+    assert ledgers.read("vast", "b").spent_usd == 1.75
+    # A ledger whose instance may still run is left to the watcher that owns it, not merged.
+    ledgers.write("runpod", "b", ledgers.Ledger("p9", 0.5, "4090", "EU", launched_at=None, spent_usd=2.0))
+    relocate.settle_spending("b", "vast")
+    assert ledgers.read("runpod", "b").spent_usd == 2.0 and ledgers.read("vast", "b").spent_usd == 1.75

@@ -163,6 +163,7 @@ BAD_GROUPS = [
     ({"sweep": {"d_sae": 64}}, "'sweep.d_sae': must be a non-empty array"),
     ({"sweep": {"d_sae": [64]}, "logger": {"log_to_wandb": True}}, "'logger.log_to_wandb': wandb logging of a group"),
     ({"sweep": {"d_sae": [64]}, "prefetch_llm_batches": True}, "'prefetch_llm_batches': not supported with several"),
+    ({"sweep": {"d_sae": [64]}, "name": "../escape"}, "field 'name': '../escape' is not a valid run name"),
 ]
 
 

@@ -115,3 +115,35 @@ def test_unknown_mirror_scheme_is_one_line(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("lenslab-train: error: resilience.mirror 'nosuch://bucket/x': no filesystem for this URL")
     assert "Traceback" not in result.stderr
+
+
+def test_an_older_local_checkpoint_yields_to_the_mirrors_newer_one(
+    tmp_path: Path, reference_run: dict[str, Any]
+) -> None:
+    """A box that moved to another machine and back: its old volume still holds the checkpoints
+    of before the move, while the mirror holds what the other machine trained since."""
+    mirror = tmp_path / "mirror"
+    run_file = write_run_file(tmp_path / "run.toml", {"resilience": {"mirror": f"file://{mirror}"}})
+    runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "t"
+    old_volume = tmp_path / "old-volume"
+    proc = start_train(run_file, runs)
+    wait_for_step(proc, run_dir, 15)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75
+    shutil.copytree(run_dir, old_volume, symlinks=True)
+    old_steps = sorted(p.name for p in (old_volume / "checkpoints").glob("step-*"))
+
+    new_box(run_dir)  # the other machine trains on from the mirror
+    proc = start_train(run_file, runs)
+    wait_for_step(proc, run_dir, 45)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75
+    newer = (mirror / "t" / "latest").read_text()
+    assert newer > old_steps[-1]
+
+    shutil.rmtree(run_dir)  # back on the first machine, its old volume as it was left
+    shutil.copytree(old_volume, run_dir, symlinks=True)
+    result = run_train(run_file, runs)
+    assert result.returncode == 0, result.stderr
+    assert f"restored checkpoint {newer} from mirror" in result.stderr
+    assert_bit_identical(final_weights(run_dir), reference_run)

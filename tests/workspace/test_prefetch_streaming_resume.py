@@ -77,9 +77,11 @@ def test_streamed_dataset_resumes_exactly(tmp_path: Path, reference_run: dict[st
 
 def test_training_starts_before_tokenizing_ends_and_a_relaunch_continues_it(tmp_path: Path) -> None:
     corpus = tmp_path / "big.jsonl"
-    corpus.write_text(CORPUS.read_text() * 12)  # ~5 MB: seconds of tokenizing
+    # ~25 MB and a run that needs all of it: tens of seconds of tokenizing even on a fast machine,
+    # against the seconds to the first step (the test kills the run long before it would end).
+    corpus.write_text(CORPUS.read_text() * 60)
     run_file = write_run_file(
-        tmp_path / "run.toml", {"streaming": True, "dataset_path": str(corpus), "training_tokens": 4_000_000}
+        tmp_path / "run.toml", {"streaming": True, "dataset_path": str(corpus), "training_tokens": 20_000_000}
     )
     runs, data = tmp_path / "runs", tmp_path / "runs" / "t" / "data"
     proc = start_train(run_file, runs)

@@ -67,16 +67,16 @@ def _launch(args: argparse.Namespace, cfg: Config, progress: Progress) -> tuple[
 
     provider = provider_for(cfg.box, assume_yes=args.yes)
     if not args.cheapest:
-        with progress.step(f"finding box {cfg.box.name} ({cfg.box.provider})"):
+        with progress.step(f"finding box {cfg.box.name} ({provider.name})"):
             return provider, provider.launch(cfg.box)
     from lenslab.cli.offers import cheapest_match, confirm_offer
 
-    with progress.step(f"finding the cheapest {cfg.box.provider} offer"):
+    with progress.step(f"finding the cheapest {provider.name} offer"):
         offer = cheapest_match(cfg.box, provider)
     confirm_offer(provider.name, offer, args.yes, cfg.box)  # outside the spinner, which would hide it
     # The user agreed to this offer and its price: that is the consent to launch it.
     provider = provider_for(cfg.box, assume_yes=True)
-    with progress.step(f"launching {offer.gpu_name} on {cfg.box.provider}"):
+    with progress.step(f"launching {offer.gpu_name} on {provider.name}"):
         return provider, provider.launch_offer(cfg.box, offer)
 
 
@@ -144,6 +144,7 @@ def down(args: argparse.Namespace) -> int:
       lenslab down
     """
     from lenslab import sshconfig
+    from lenslab.providers import placement
     from lenslab.providers.base import provider_for
 
     cfg = load_config(args)
@@ -153,6 +154,7 @@ def down(args: argparse.Namespace) -> int:
     box = provider.get(cfg.box)
     if box is None:
         removed = sshconfig.remove(cfg.box.alias)
+        placement.forget(cfg.box)  # nothing left where it was moved: back to lenslab.toml's provider
         purged = _purge(cfg, args) if args.purge else None
         emit(
             args,
@@ -164,6 +166,7 @@ def down(args: argparse.Namespace) -> int:
     terminates = provider.capabilities.rents_machines
     stopped, ssh_error = _stop_on_box(cfg.box, provider, box, progress, terminates)
     _terminate(provider, box, progress, terminates)
+    placement.forget(cfg.box)  # the instance where it was moved is gone: back to lenslab.toml's provider
     removed = sshconfig.remove(box.alias) if box.host else False
     purged = _purge(cfg, args) if args.purge else None
     kept = f"deleted {purged}" if purged else f"data kept in {box.root}{provider.kept_note()}"

@@ -28,7 +28,7 @@ def status(args: argparse.Namespace) -> int:
     # get, not launch: asking about a cloud box must never start one.
     box = provider.get(cfg.box)
     if box is None:
-        data: dict[str, Any] = {"box": cfg.box.name, "provider": cfg.box.provider, "running": False,
+        data: dict[str, Any] = {"box": cfg.box.name, "provider": provider.name, "running": False,
                                 "recoveries": recoveries}  # fmt: skip
         emit(args, data, "\n".join([f"box {cfg.box.name}: not running (`lenslab up` starts it)",
                                     *report.lines(recoveries)]))  # fmt: skip

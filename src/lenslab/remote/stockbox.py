@@ -45,11 +45,15 @@ TARBALL = ".lenslab/lenslab-src.tar.gz"
 SERVE_PID_FILE = "/tmp/lenslab-box-serve.pid"  # the container's own: a new instance has none
 SERVE_LOG = ".lenslab/serve.log"
 LINKED = ("lenslab-box", "lenslab-train")
-# What the two distributions are built from, relative to the build context.
-SOURCES = ("pyproject.toml", "README.md", "src", "provision", "workspace")
+# What the two distributions are built from, relative to the build context: only these go to a
+# rented box, never the rest of a checkout (runs, data, notebooks, an .env).
+SOURCES = ("pyproject.toml", "README.md", "src", "provision", "workspace/pyproject.toml", "workspace/lenslab_workspace")
 SKIPPED = {"__pycache__", "build", ".pytest_cache", ".mypy_cache"}
 SERVE_STOP_SECONDS = 100  # serve stops its runs gracefully (they checkpoint) before it exits
-INSTALL_FIX = "see the lines above; the box needs python3 with venv and pip (the provider's PyTorch images have them)"
+INSTALL_FIX = (
+    "the box needs python3 with venv and pip, and a torch that lenslab-workspace accepts "
+    "(the provider's PyTorch 2.8 images have both)"
+)
 
 # One round trip on a ready box: the stamp; when it matches, the links and serve at once.
 _READY = """
@@ -64,9 +68,11 @@ for name in {linked}; do ln -sfn "$venv/bin/$name" "/usr/local/bin/$name"; done
 pid=$(cat {pid_file} 2>/dev/null || true)
 if [ -z "$pid" ] || ! tr '\\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q 'lenslab-box.* serve'; then
   setsid nohup "$venv/bin/lenslab-box" --root {root} serve --no-sshd >> {log} 2>&1 < /dev/null &
-  echo $! > {pid_file}
+  pid=$!
+  echo "$pid" > {pid_file}
+  sleep 1  # a serve that cannot start (a broken install) exits at once: not "serving"
 fi
-echo serving
+kill -0 "$pid" 2>/dev/null && echo serving
 """
 # Stop a serve of an older venv, then make the venv anew and install into it. The stamp is
 # written last: an install that broke off is done again at the next `up`.
@@ -74,7 +80,10 @@ _INSTALL = """
 set -e
 venv={venv}
 pid=$(cat {pid_file} 2>/dev/null || true)
-if [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; then
+# Only a serve of ours: the pid file outlives a restart of the container, and its number may now
+# be another process's.
+if [ -n "$pid" ] && tr '\\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q 'lenslab-box.* serve' \\
+  && kill -TERM "$pid" 2>/dev/null; then
   for _ in $(seq {stop_seconds}); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
 fi
 src=$(mktemp -d)
@@ -86,7 +95,13 @@ python3 -m venv --system-site-packages --without-pip "$venv"
 isolation=--no-build-isolation
 "$venv/bin/python" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 68)' \\
   2>/dev/null || isolation=
-"$venv/bin/python" -m pip install --disable-pip-version-check --no-input $isolation "$src" "$src/workspace"
+# The image's torch is kept, never replaced: a multi-GB CUDA download into the volume would be
+# the wrong torch for the image's CUDA. A lenslab that needs a newer torch fails here instead.
+constraints="$src/keep-torch.txt"
+"$venv/bin/python" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' \\
+  > "$constraints" 2>/dev/null || : > "$constraints"
+"$venv/bin/python" -m pip install --disable-pip-version-check --no-input $isolation -c "$constraints" \\
+  "$src" "$src/workspace"
 "$venv/bin/lenslab-box" --version
 rm -rf "$src" {tarball}
 printf '%s\\n' {stamp} > "$venv/{stamp_file}"

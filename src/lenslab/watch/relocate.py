@@ -74,6 +74,21 @@ def cheapest(
     return min(choices, key=lambda c: (c.per_hour, c.provider.name != current), default=None)
 
 
+def settle_spending(box_name: str, current: str) -> None:
+    """Spending still in another provider's ledger, with no instance there, joins ``current``'s.
+
+    A move records the new home first and carries the spending second (``Watcher._move``); a
+    watcher killed between the two finds the box on its new provider, and this (run whenever a
+    watcher starts) carries what was left behind, so the budget never forgets it."""
+    from lenslab.providers import registry
+
+    for name in registry.names():
+        if name != current:
+            left = ledgers.read(name, box_name)
+            if left.spent_usd > 0 and not left.instance_id:
+                carry_spending(box_name, name, current)
+
+
 def carry_spending(box_name: str, old: str, new: str) -> None:
     """Move what the box spent on ``old`` into ``new``'s ledger, so one ledger holds it all.
 

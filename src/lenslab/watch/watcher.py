@@ -88,6 +88,7 @@ class Watcher:
         self.say, self.clock, self.sleep, self.reachable = say, clock, sleep, reachable
         self.poll_seconds, self.unreachable_seconds = poll_seconds, unreachable_seconds
         self.state = states.load(self.box.name, provider.name)
+        relocate.settle_spending(self.box.name, provider.name)  # what a move broken off left behind
         self._polls = 0
         self._said_staying = False  # "no mirror: the box stays on its provider", said once
 
@@ -289,11 +290,12 @@ class Watcher:
         return relocate.cheapest(self.box, [self.provider, *others], self.provider.name, self.say)
 
     def _move(self, to: ContainerCloud) -> None:
-        """The box moves to another provider. Its spending and its new home are written before
-        anything launches there: a watcher killed now looks for it there, launching nothing twice."""
+        """The box moves to another provider. Its new home, then its spending, are written before
+        anything launches there: a watcher killed now looks for it there, launching nothing twice,
+        and carries the spending a kill between the two left behind (``settle_spending``)."""
         old = self.provider.name
-        relocate.carry_spending(self.box.name, old, to.name)
         placement.move(self.box, to.name)
+        relocate.carry_spending(self.box.name, old, to.name)
         self.provider, self.state.provider = to, to.name
         self._save()
         self._record("moved", reason=f"from {old}: the cheapest matching offer is on {to.name}")

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root = resolve_root(args.root)
+    # What a login to lenslab's own sshd gets (serve.py's SetEnv), for every process started from
+    # here, whoever logged in: on a stock image the login is the image's root sshd, and models
+    # downloaded without HF_HOME would land on the container's disk, lost with the instance.
+    os.environ.setdefault("LENSLAB_ROOT", str(root))
+    os.environ.setdefault("HF_HOME", str(root / "hf-cache"))
     try:
         return _dispatch(args, root)
     except BoxError as exc:

@@ -196,8 +196,10 @@ def jupyter_command(root: Path, port: int) -> list[str]:
     # --system-site-packages, Jupyter is the image's own.
     beside = Path(sys.executable).with_name("jupyter")
     found = str(beside) if beside.exists() else shutil.which("jupyter") or str(beside)
-    return [found, "lab", "--no-browser", "--ip=127.0.0.1",
-            f"--port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}"]  # fmt: skip
+    command = [found, "lab", "--no-browser", "--ip=127.0.0.1",
+               f"--port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}"]  # fmt: skip
+    # A stock image's box user is root, and Jupyter Server refuses to start as root unless told.
+    return [*command, "--ServerApp.allow_root=True"] if os.geteuid() == 0 else command
 
 
 def _ours(pid: object, port: int) -> bool:

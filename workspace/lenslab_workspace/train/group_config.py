@@ -80,6 +80,9 @@ def load_group(source: Path, raw: dict[str, Any]) -> RunSettings:
     members = tuple(_member(source, base, name, where, runner, sae) for name, where, runner, sae in entries)
     _check_hooks_agree(source, members)
     group_name = base.get("name")
+    # The group's name is its run directory and its mirror prefix: checked as a run's name is.
+    if not isinstance(group_name, str) or not is_run_name(group_name):
+        raise RunConfigError(f"{source}: field 'name': {group_name!r} is not a valid run name; use {RUN_NAME_HELP}")
     first = members[0]
     return dataclasses.replace(first, source=source, name=str(group_name), group=members)
 

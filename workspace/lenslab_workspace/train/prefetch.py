@@ -21,6 +21,8 @@ T = TypeVar("T")
 
 # How often a waiting producer looks whether it was asked to stop.
 POLL_SECONDS = 0.1
+# How long an exiting process waits for each thread to notice it was asked to stop.
+EXIT_JOIN_SECONDS = 2.0
 
 _open: weakref.WeakSet[Prefetcher[object]] = weakref.WeakSet()
 
@@ -75,11 +77,12 @@ class Prefetcher(Generic[T]):
             assert item is not None
             return item
 
-    def close(self) -> None:
-        """Stop the thread and drop what it made; waits for at most one ``produce`` call."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the thread and drop what it made; waits for at most one ``produce`` call (or
+        ``timeout`` seconds: the thread is a daemon, and an exit must not wait on a stalled read)."""
         self._stop.set()
         if self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(timeout)
         while not self._queue.empty():
             self._queue.get_nowait()
 
@@ -87,5 +90,7 @@ class Prefetcher(Generic[T]):
 @atexit.register
 def _close_all() -> None:
     # A forward pass still running while the interpreter shuts down can crash it noisily.
+    # Bounded: a tokenizer stuck in a streamed dataset's read must not keep an interrupted trainer
+    # (its checkpoint already written) from exiting within a spot instance's grace period.
     for prefetcher in list(_open):
-        prefetcher.close()
+        prefetcher.close(timeout=EXIT_JOIN_SECONDS)

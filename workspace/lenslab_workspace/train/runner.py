@@ -251,16 +251,32 @@ class TrainingRun:
     def _find_checkpoint(self) -> FoundCheckpoint | None:
         if self.fresh:
             return None
+        local: FoundCheckpoint | None = None
         for path, manifest in ckpt.valid_checkpoints(self.run.checkpoints):
-            found = self._load(path, manifest)
-            if found is not None:
-                return found
-        if self.mirror is not None:
+            local = self._load(path, manifest)
+            if local is not None:
+                break
+        if self.mirror is not None and self._mirror_is_newer(local):
             restored = self.mirror.restore_latest(self.run.checkpoints, self._accept_from_mirror)
             if restored is not None:
                 path, (manifest, states) = restored
                 return FoundCheckpoint(path, manifest, states)
-        return None
+        return local
+
+    def _mirror_is_newer(self, local: FoundCheckpoint | None) -> bool:
+        """Whether the mirror's newest checkpoint is past the local one. A box that moved to another
+        provider and back finds its old volume's checkpoints older than what the other box
+        mirrored; resuming from them would redo that work. A local checkpoint needs no mirror:
+        an unreachable one then only costs a warning."""
+        assert self.mirror is not None
+        if local is None:
+            return True
+        try:
+            name = self.mirror.latest_name()
+        except CheckpointError as exc:
+            log.warning("resuming from the local checkpoint without comparing it to the mirror's: %s", exc)
+            return False
+        return name is not None and int(name.split("-", 1)[1]) > int(local.manifest["step"])
 
     def _accept_from_mirror(self, tmp: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Check a mirror's copy where it was downloaded, before it gets a checkpoint's name:

@@ -95,7 +95,7 @@ class RunPodProvider(ContainerCloud):
 """
     # RunPod's stock PyTorch image (``image = "stock"``): its /start.sh puts PUBLIC_KEY into
     # root's authorized_keys and starts sshd on port 22.
-    stock_image: ClassVar[str] = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
+    stock_image: ClassVar[str] = "runpod/pytorch:2.8.0-py3.11-cuda12.8.1-cudnn-devel-ubuntu22.04"
     api_url_env: ClassVar[str] = "RUNPOD_API_URL"
     instance_id_env: ClassVar[str] = "RUNPOD_POD_ID"  # set by RunPod in every pod
     default_api_url: ClassVar[str] = GRAPHQL_URL

@@ -85,7 +85,7 @@ class VastProvider(ContainerCloud):
 # image = "stock" runs the pytorch/pytorch image instead, lenslab installed at `lenslab up`.
 """
     # The PyTorch project's own image (``image = "stock"``), which vast.ai's templates run.
-    stock_image: ClassVar[str] = "pytorch/pytorch:2.4.1-cuda12.4-cudnn9-devel"
+    stock_image: ClassVar[str] = "pytorch/pytorch:2.8.0-cuda12.8-cudnn9-devel"
     api_url_env: ClassVar[str] = "VAST_API_URL"
     instance_id_env: ClassVar[str] = "CONTAINER_ID"  # set by vast.ai in every instance
     default_api_url: ClassVar[str] = API_BASE
