@@ -11,6 +11,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lenslab.watch.state import WatchState
 
 IMAGE = os.environ.get("LENSLAB_TEST_IMAGE", "lenslab-test-vm:bookworm-1")
 # Every container a test session starts carries its session's id, so two sessions running at
@@ -114,3 +118,19 @@ def lenslab(*args: str, env: dict[str, str] | None = None, timeout: float = 180)
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+class NoRuns:
+    """A box with no runs, for the watcher's tests of provider states alone."""
+
+    def observe(self, state: WatchState) -> bool:
+        return True
+
+    def prepare(self) -> None:
+        """Nothing to make ready."""
+
+    def restart(self, state: WatchState) -> dict[str, int | None]:
+        return {}
+
+    def stop(self, state: WatchState) -> list[str]:
+        return []

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from lenslab_testkit import NoRuns
 
 from lenslab import config
 from lenslab.config import BoxConfig
@@ -106,20 +107,6 @@ class Cloud:
         self.launched.append(offer.offer_id)
         self.live = Instance(self.name, f"{self.name}-{len(self.launched)}", "lenslab-b", RUNNING, "RUNNING", True,
                              "RTX 4090", 1, offer.price_interruptible, "127.0.0.1", 2222)  # fmt: skip
-
-
-class NoRuns:
-    def observe(self, state: WatchState) -> bool:
-        return True
-
-    def prepare(self) -> None:
-        """Nothing to make ready."""
-
-    def restart(self, state: WatchState) -> dict[str, int | None]:
-        return {}
-
-    def stop(self, state: WatchState) -> list[str]:
-        return []
 
 
 def lost_box(cfg: BoxConfig, clouds: list[Cloud], monkeypatch: pytest.MonkeyPatch) -> tuple[Watcher, list[str]]:

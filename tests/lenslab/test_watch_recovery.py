@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from labkit import tiny_run
-from lenslab_testkit import lenslab
+from lenslab_testkit import NoRuns, lenslab
 
 from lenslab import config, runfile
 from lenslab.config import BoxConfig
@@ -67,20 +67,6 @@ class FakeCloud:
 
     def launch(self, box: BoxConfig) -> None:
         self.launches += 1
-
-
-class NoRuns:
-    def observe(self, state: WatchState) -> bool:
-        return True
-
-    def prepare(self) -> None:
-        """Nothing to make ready."""
-
-    def restart(self, state: WatchState) -> dict[str, int | None]:
-        return {}
-
-    def stop(self, state: WatchState) -> list[str]:
-        return []
 
 
 def watcher(tmp_path: Path, answers: list[bool], clock: list[float], **kw: Any) -> tuple[Watcher, FakeCloud]:
