@@ -35,6 +35,9 @@ sys.path.insert(0, str(REPO / "workspace"))
 from lenslab_workspace.train.config import RunSettings, load_run_file  # noqa: E402
 from lenslab_workspace.train.runner import TrainingRun  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from bench_throughput import TimedRun  # noqa: E402
+
 logging.getLogger("lenslab.train").setLevel(logging.WARNING)
 
 
@@ -103,11 +106,12 @@ def saelens_runner(settings: RunSettings) -> Any:
     return LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
 
 
-def lenslab_run(settings: RunSettings, runs_dir: Path) -> TrainingRun:
-    run = TrainingRun(settings, runs_dir, fresh=True)
+def lenslab_built(settings: RunSettings, runs_dir: Path) -> tuple[TrainingRun, Any]:
+    """A launch opened and built (model, data stream, trainer), not yet training."""
+    run = TrainingRun(settings, runs_dir)
     run.cfg = settings.runner_config()
-    run._build(None)
-    return run
+    run._open()
+    return run, run._build()
 
 
 def bench_throughput(device: str, tokens: int, rounds: int, d_sae: int) -> None:
@@ -121,10 +125,9 @@ def bench_throughput(device: str, tokens: int, rounds: int, d_sae: int) -> None:
             start = time.perf_counter()
             runner.run()
             theirs.append(tokens / (time.perf_counter() - start))
-            run = lenslab_run(settings, tmp / "runs")
-            start = time.perf_counter()
-            outcome = run._train()
-            ours.append(tokens / (time.perf_counter() - start))
+            run = TimedRun(settings, tmp / "runs", fresh=True)
+            outcome = run.execute()
+            ours.append(tokens / run.train_seconds)
             assert outcome.exit_code == 0, outcome.message
             checkpoints = len(list((tmp / "runs" / settings.name / "checkpoints").glob("step-*")))
         a, b = statistics.median(ours), statistics.median(theirs)
@@ -219,8 +222,6 @@ def _sync(device: str) -> None:
 
 def bench_resume(device: str, n_sequences: int) -> None:
     """Process-independent resume latency: from 'find checkpoint' to the first new step done."""
-    from lenslab_workspace.train.checkpoint import latest_valid
-
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         dataset = make_token_dataset(tmp / "tokens.parquet", n_sequences, 128)
@@ -230,25 +231,27 @@ def bench_resume(device: str, n_sequences: int) -> None:
         settings = load_run_file(write_run(run_file, text))
         # One real checkpoint after a few steps; copies of it are then moved to 10 % and 90 %
         # of the data, which is all that differs between the two resumes.
-        run = lenslab_run(settings, tmp / "runs")
+        run, built = lenslab_built(settings, tmp / "runs")
         for _ in range(3):
-            run.trainer.step(next(run.stream))
-            run.trainer.n_training_steps += 1
+            built.trainer.step(next(built.stream))
+            built.trainer.n_training_steps += 1
+        if hasattr(built.stream.tokens, "wait_complete"):  # the token array is complete before timing
+            built.stream.tokens.wait_complete()
+        run._close()
         ours: dict[float, list[float]] = {0.1: [], 0.9: []}
         theirs: dict[float, float] = {}
         # lenslab twice per position, alternating, so one-time warm-up costs do not land on one side.
         for fraction in (0.1, 0.9, 0.1, 0.9):
             position = int(n_sequences * fraction)
-            _write_checkpoint_at(run, position, tmp / "runs" / settings.name / "checkpoints")
+            _write_checkpoint_at(built, run.config_hash, position, tmp / "runs" / settings.name / "checkpoints")
             resumed = TrainingRun(settings, tmp / "runs")
-            start = time.perf_counter()
-            found = latest_valid(resumed.run.checkpoints)
             resumed.cfg = settings.runner_config()
-            resumed._build(found)
-            resumed.trainer.step(next(resumed.stream))
+            start = time.perf_counter()
+            again = resumed._build()  # finds the checkpoint, restores the trainer and the stream
+            again.trainer.step(next(again.stream))
             _sync(device)
             ours[fraction].append(time.perf_counter() - start)
-            assert resumed.stream.position > position
+            assert again.resumed_from is not None and again.stream.position > position
             if fraction not in theirs:
                 theirs[fraction] = _saelens_resume(settings, position)
             shutil.rmtree(tmp / "runs" / settings.name / "checkpoints")
@@ -265,17 +268,18 @@ def bench_resume(device: str, n_sequences: int) -> None:
     )
 
 
-def _write_checkpoint_at(run: TrainingRun, position: int, checkpoints: Path) -> None:
+def _write_checkpoint_at(built: Any, config_hash: str, position: int, checkpoints: Path) -> None:
     from lenslab_workspace.train.checkpoint import commit
     from lenslab_workspace.train.runner import versions
     from lenslab_workspace.train.state import take_snapshot
 
     # An empty mixing buffer makes the first resumed step read the data at the saved position,
     # the part that SAELens pays for in proportion to the position.
-    saved = (run.stream.position, run.stream._storage, run.stream._serving)
-    run.stream.position, run.stream._storage, run.stream._serving = position, None, None
-    commit(take_snapshot(run.trainer, run.stream, run.config_hash, versions()), checkpoints)
-    run.stream.position, run.stream._storage, run.stream._serving = saved
+    stream = built.stream
+    saved = (stream.position, stream._storage, stream._serving)
+    stream.position, stream._storage, stream._serving = position, None, None
+    commit(take_snapshot(built.trainer, stream, config_hash, versions()), checkpoints)
+    stream.position, stream._storage, stream._serving = saved
 
 
 def _saelens_resume(settings: RunSettings, position: int) -> float:

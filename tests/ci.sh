@@ -5,7 +5,7 @@
 #
 # The suite runs as three groups at once: the tests that drive boxes and containers (they mostly
 # wait on sshd, Docker and the boxes' trainers, and share box and container names, so they run
-# one at a time), the watcher's tests on emulated clouds, and everything else (training,
+# one at a time), the watcher's, Slurm's and SkyPilot's tests, and everything else (training,
 # evaluation, notebooks: CPU work with no names in common). Arguments go to a single pytest run instead: `bash tests/ci.sh tests/workspace -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,25 +26,26 @@ run_group() {  # name, marker expression, then paths or options
   shift 2
   .venv/bin/python -m pytest -m "$markers" -p no:cacheprovider --junitxml="$out/$name.xml" "$@" >"$out/$name.log" 2>&1
 }
-# The watcher's tests (preemptions on emulated clouds) spend most of their time waiting for
-# polls and relaunches: a third group beside the other two. Their containers carry a label of
-# their own pytest process, so they never touch the box group's.
-watch_tests=(tests/lenslab/test_watch*.py)
-ignore_watch=()
-for file in "${watch_tests[@]}"; do ignore_watch+=("--ignore=$file"); done
-run_group boxes "docker" "${ignore_watch[@]}" & boxes=$!
-run_group watch "docker" "${watch_tests[@]}" & watch=$!
-run_group rest "not docker" & rest=$!
+# The watcher's tests (preemptions on emulated clouds), the Slurm cluster's and the SkyPilot
+# export's spend most of their time waiting for polls, schedulers and relaunches: a third group
+# beside the other two. Their containers carry names and labels of their own, so they never
+# touch the box group's.
+cluster_tests=(tests/lenslab/test_watch*.py tests/slurm tests/lenslab/test_export_skypilot.py)
+ignore_clusters=()
+for path in "${cluster_tests[@]}"; do ignore_clusters+=("--ignore=$path"); done
+run_group boxes "docker" "${ignore_clusters[@]}" & boxes=$!
+run_group clusters "docker or not docker" "${cluster_tests[@]}" & clusters=$!
+run_group rest "not docker" "${ignore_clusters[@]}" & rest=$!
 statuses=()
-for pid in "$boxes" "$watch" "$rest"; do
+for pid in "$boxes" "$clusters" "$rest"; do
   status=0
   wait "$pid" || status=$?
   statuses+=("$status")
 done
-for group in boxes watch rest; do
+for group in boxes clusters rest; do
   echo "=== tests: $group ==="
   cat "$out/$group.log"
 done
-.venv/bin/python tests/summary.py "$out/boxes.xml" "$out/watch.xml" "$out/rest.xml"
+.venv/bin/python tests/summary.py "$out/boxes.xml" "$out/clusters.xml" "$out/rest.xml"
 # pytest's 5 means "no test collected": a group that ran nothing is a broken suite, not a pass.
 for status in "${statuses[@]}"; do [ "$status" -eq 0 ] || exit 1; done

@@ -123,6 +123,12 @@ def _provider_problem(value: str) -> str | None:
 
 
 ProviderName = Annotated[str, _shaped(_provider_problem)]
+# A batch scheduler's names (partition, account, QOS; a partition may be a list "a,b") and its
+# time limits: "M", "M:S", "H:M:S", "D-H", "D-H:M", "D-H:M:S", or none.
+_SCHEDULER_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+_PARTITION = r"^[A-Za-z0-9_.-]{1,64}(,[A-Za-z0-9_.-]{1,64}){0,15}$"
+_TIME_LIMIT = r"^(\d{1,7}(:\d{1,2}){0,2}|\d{1,4}-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$"
+SCHEDULER_FIELDS = ("partition", "account", "qos", "gpus_per_run", "time_limit", "apptainer")
 
 
 class BoxConfig(BaseModel):
@@ -193,6 +199,15 @@ class BoxConfig(BaseModel):
     interruptible: bool = False
     fallback: Literal["on-demand", "wait"] = "on-demand"
     resume_wait_minutes: float = Field(default=10, ge=0, le=1440)
+    # A cluster's batch scheduler (capabilities.scheduler): how each run is submitted
+    # (sbatch --partition, --account, --qos, GPUs per run as --gres, --time), and an Apptainer
+    # image to run in (the provider may refuse it). The provider checks the rest (config_problem).
+    partition: str | None = Field(default=None, pattern=_PARTITION)
+    account: str | None = Field(default=None, pattern=_SCHEDULER_NAME)
+    qos: str | None = Field(default=None, pattern=_SCHEDULER_NAME)
+    gpus_per_run: int = Field(default=0, ge=0, le=64)
+    time_limit: str | None = Field(default=None, pattern=_TIME_LIMIT)
+    apptainer: RemoteRoot | None = None
 
     @model_validator(mode="after")
     def _provider_has_what_it_needs(self) -> BoxConfig:
@@ -201,6 +216,12 @@ class BoxConfig(BaseModel):
         if problem:
             raise ValueError(problem)
         caps = registry.provider_class(self.provider).capabilities
+        scheduler_only = [name for name in SCHEDULER_FIELDS if name in self.model_fields_set]
+        if scheduler_only and caps.scheduler == "none":
+            raise ValueError(
+                f"{scheduler_only[0]} is for a box whose runs go to a cluster's batch scheduler; "
+                f"{self.provider} has none: remove it, or name such a provider"
+            )
         if self.interruptible and not caps.interruptible:
             raise ValueError(
                 f"interruptible = true, but {self.provider} has no interruptible instances; "

@@ -26,6 +26,10 @@ CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
 # A committed checkpoint's directory name (the step, zero-padded so names sort by step).
 CHECKPOINT_NAME = re.compile(r"step-[0-9]{1,12}")
+# Where the box placed a run on a box with GPUs ({"state": "placed"|"queued", "index", "uuid", ...}),
+# and the GPU UUID it names (NVIDIA's "GPU-" and 32 hex digits grouped 8-4-4-4-12).
+GPU_FILE = "gpu.json"
+GPU_UUID = re.compile(r"GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # Files inside a checkpoint or final/: flat, simple names only.
 ARTIFACT_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 

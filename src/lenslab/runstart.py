@@ -20,6 +20,13 @@ if TYPE_CHECKING:
 def start_run(lab: LabBackend, run: RunFile, box: BoxConfig) -> tuple[RunFile, str]:
     """Start ``run`` on the lab's box with the box's mirror and its credentials; the run file as
     started and what runs it. Everything is checked here before anything is uploaded."""
+    run = prepare_run(lab, run, box)
+    return run, lab.start_run(run)
+
+
+def prepare_run(lab: LabBackend, run: RunFile, box: BoxConfig) -> RunFile:
+    """``run`` with the box's mirror, its credentials already beside it on the box: what is
+    started (alone, or as one task of a sweep)."""
     from lenslab.contract import MIRROR_ENV_FILE
     from lenslab.remote.training import Paths
 
@@ -27,4 +34,4 @@ def start_run(lab: LabBackend, run: RunFile, box: BoxConfig) -> tuple[RunFile, s
     secrets = runmirror.mirror_env(box)
     if secrets is not None:
         lab.runner.put(secrets, f"{Paths(lab.lab.root, run.name).config_dir}/{MIRROR_ENV_FILE}", mode=0o600)
-    return run, lab.start_run(run)
+    return run

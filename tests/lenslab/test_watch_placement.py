@@ -131,6 +131,14 @@ def test_a_mirrored_box_is_relaunched_on_the_cheapest_provider(monkeypatch: pyte
     assert not any("stays on" in line for line in said)
 
 
+def test_a_move_terminates_what_is_left_on_the_old_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    runpod, vast = Cloud("runpod", 0.29), Cloud("vast", 0.18)
+    w, _ = lost_box(box(mirror=MIRROR), [runpod, vast], monkeypatch)
+    runpod.launch(box())  # an instance a failed relaunch left behind, still billing on runpod
+    w._move(vast)  # type: ignore[arg-type]
+    assert runpod.live is None and w.provider is vast and placement.where(box()) == "vast"
+
+
 def test_the_cheapest_on_the_same_provider_keeps_the_box_there(monkeypatch: pytest.MonkeyPatch) -> None:
     runpod, vast = Cloud("runpod", 0.18), Cloud("vast", 0.29)
     w, _ = lost_box(box(mirror=MIRROR), [runpod, vast], monkeypatch)

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomli_w
 
-from .conftest import SMALL_RUN, assert_bit_identical, merge, train_in_process
+from lenslab.contract import EXIT_INTERRUPTED
+
+from .conftest import (
+    CORPUS,
+    SMALL_RUN,
+    assert_bit_identical,
+    kill,
+    merge,
+    read_status,
+    start_train,
+    train_in_process,
+    wait_for_step,
+)
 
 # Two hooks; widths and architectures that draw different amounts of randomness when made
 # (so their mixing differs alone); one SAE without the norm estimate (its stream starts
@@ -43,7 +56,7 @@ def alone_run(entry: dict[str, Any]) -> dict[str, Any]:
     """The run file that trains one SAE of the group by itself."""
     entry = dict(entry)
     name = entry.pop("name")
-    per_sae: dict[str, Any] = {k: entry.pop(k) for k in ("lr", "hook_name") if k in entry}
+    per_sae: dict[str, Any] = {k: entry.pop(k) for k in ("lr", "hook_name", "from_pretrained_path") if k in entry}
     run = merge(SMALL_RUN, {"name": name, **SHORT, **per_sae})
     run["sae"] = {"normalize_activations": "expected_average_only_in", **entry}
     return run
@@ -77,6 +90,104 @@ def test_group_equals_saes_trained_one_by_one(tmp_path: Path, capsys: pytest.Cap
 
         sae = SAE.load_from_disk(str(group_final))  # SAELens's own format
         assert sae.cfg.metadata.hook_name == entry.get("hook_name", SMALL_RUN["hook_name"])
+
+
+@pytest.mark.slow  # two group runs: tens of seconds on a shared machine
+def test_group_with_prefetch_equals_the_group_without(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    finals: dict[str, dict[str, Any]] = {}
+    for name, prefetch in (("plain", False), ("ahead", 2)):
+        (tmp_path / f"{name}.toml").write_text(tomli_w.dumps(group_run(name, prefetch_llm_batches=prefetch)))
+        code, err = train_in_process([str(tmp_path / f"{name}.toml"), "--runs-dir", str(runs)], capsys)
+        assert code == 0, err
+        finals[name] = {e["name"]: weights(runs / name / "final" / e["name"]) for e in GROUP_SAES}
+    for entry in GROUP_SAES:
+        assert_bit_identical(finals["ahead"][entry["name"]], finals["plain"][entry["name"]])
+
+
+def test_prefetching_streams_serve_the_same_batches_from_shared_passes(tmp_path: Path) -> None:
+    """Three streams (two lane-mates on one hook, one on another hook and RNG state), with and
+    without prefetch threads: the same batches, and the lane-mates still share each model pass."""
+    import numpy as np
+    import torch
+
+    from lenslab_workspace.train.config import load_run_file
+    from lenslab_workspace.train.group_data import GroupStream, SharedForward, cache_size
+    from lenslab_workspace.train.models import load_language_model
+
+    path = tmp_path / "run.toml"
+    path.write_text(tomli_w.dumps(merge(SMALL_RUN, {"train_batch_size_tokens": 256})))
+    fields = load_run_file(path).runner_fields
+    model, _, _ = load_language_model(load_run_file(path), "cpu")
+    tokens = np.random.default_rng(0).integers(0, 200, size=(2000, 32), dtype=np.int32)  # no epoch wrap
+    hooks = ["blocks.0.hook_resid_post", "blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"]
+    served: dict[bool, list[list[torch.Tensor]]] = {}
+    passes: dict[bool, int] = {}
+    for prefetch in (False, True):
+        runner = {**fields, "prefetch_llm_batches": prefetch}
+        shared = SharedForward(model, hooks, runner, keep=cache_size(runner, 2))
+        rngs = [torch.manual_seed(1).get_state(), torch.manual_seed(1).get_state(), torch.manual_seed(2).get_state()]
+        streams = [
+            GroupStream(model, tokens, {**runner, "hook_name": h}, 32, None, shared, rng)
+            for h, rng in zip(hooks, rngs, strict=True)
+        ]
+        ahead_of_the_rest = [next(streams[2]).clone() for _ in range(5)]  # as a norm estimate reads
+        served[prefetch] = [ahead_of_the_rest, *([next(s).clone() for s in streams] for _ in range(40))]
+        for stream in streams:
+            stream.close()
+        passes[prefetch] = shared.passes
+    for plain, ahead in zip(served[False], served[True], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(plain, ahead, strict=True))
+    assert torch.equal(served[False][1][0], served[False][1][1])  # lane-mates: the same batches
+    # Two lanes (the third stream runs 5 batches ahead): each lane's passes once, plus at most
+    # what the threads had made ahead when they were stopped (prefetch_depth: 2 model batches).
+    assert passes[False] <= passes[True] <= passes[False] + 2 * 2
+
+
+@pytest.mark.slow
+def test_a_group_steps_while_its_token_file_is_still_partial(tmp_path: Path) -> None:
+    corpus = tmp_path / "big.jsonl"
+    # ~25 MB and a run that needs all of it: tens of seconds of tokenizing, against the seconds
+    # to the first step (the test stops the run long before it would end).
+    corpus.write_text(CORPUS.read_text() * 60)
+    run = group_run("g", streaming=True, dataset_path=str(corpus), training_tokens=20_000_000)
+    (tmp_path / "group.toml").write_text(tomli_w.dumps(run))
+    runs, data = tmp_path / "runs", tmp_path / "runs" / "g" / "data"
+    proc = start_train(tmp_path / "group.toml", runs)
+    wait_for_step(proc, runs / "g", 1)
+    # A step was taken, and shown for each SAE, while the token file is still partial.
+    assert list(data.glob(".tokens-*.partial")) and not list(data.glob("tokens-*.npy"))
+    status = read_status(runs / "g")
+    assert status is not None and status["step"] >= 1
+    assert [s["name"] for s in status["saes"]] == [e["name"] for e in GROUP_SAES]
+    kill(proc, signal.SIGTERM)
+    assert proc.returncode == EXIT_INTERRUPTED
+    assert (read_status(runs / "g") or {}).get("state") == "interrupted"
+
+
+@pytest.mark.slow
+def test_an_sae_of_a_group_continues_a_saved_one_as_it_would_alone(
+    tmp_path: Path, existing_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    saved = existing_run[0] / "t" / "final"  # topk, d_in 32, d_sae 128: the group's "k8"
+    saes = [{**GROUP_SAES[0], "from_pretrained_path": str(saved)}, GROUP_SAES[2]]
+    runs = tmp_path / "runs"
+    (tmp_path / "group.toml").write_text(tomli_w.dumps(group_run("g", saes)))
+    code, err = train_in_process([str(tmp_path / "group.toml"), "--runs-dir", str(runs)], capsys)
+    assert code == 0, err
+    for entry in saes:
+        (tmp_path / f"{entry['name']}.toml").write_text(tomli_w.dumps(alone_run(entry)))
+        code, err = train_in_process([str(tmp_path / f"{entry['name']}.toml"), "--runs-dir", str(runs)], capsys)
+        assert code == 0, err
+        assert_bit_identical(weights(runs / "g" / "final" / entry["name"]), weights(runs / entry["name"] / "final"))
+    # The continued SAE is not the one a fresh start gives.
+    (tmp_path / "fresh.toml").write_text(tomli_w.dumps(group_run("fresh", [GROUP_SAES[0], GROUP_SAES[2]])))
+    code, err = train_in_process([str(tmp_path / "fresh.toml"), "--runs-dir", str(runs)], capsys)
+    assert code == 0, err
+    fresh, continued = weights(runs / "fresh" / "final" / "k8"), weights(runs / "g" / "final" / "k8")
+    assert not torch.equal(fresh["W_dec"], continued["W_dec"])
 
 
 def assert_runs_table_shows_each_sae(status: dict[str, Any]) -> None:
@@ -161,8 +272,11 @@ BAD_GROUPS = [
     ({"sweep": {"d_sae": [64, 64]}}, "'sweep.d_sae': lists a value twice"),
     ({"sweep": {"context_size": [16, 32]}}, "'sweep.context_size': cannot be swept"),
     ({"sweep": {"d_sae": 64}}, "'sweep.d_sae': must be a non-empty array"),
-    ({"sweep": {"d_sae": [64]}, "logger": {"log_to_wandb": True}}, "'logger.log_to_wandb': wandb logging of a group"),
-    ({"sweep": {"d_sae": [64]}, "prefetch_llm_batches": True}, "'prefetch_llm_batches': not supported with several"),
+    ({"sweep": {"d_sae": [64]}, "from_pretrained_path": "/x"}, "'from_pretrained_path': not a field of the whole"),
+    (
+        {"saes": [{"name": "w", "d_sae": 64, "from_pretrained_path": "/nonexistent/final"}]},
+        "SAE 'w': field 'from_pretrained_path': /nonexistent/final is not a saved SAE",
+    ),
     ({"sweep": {"d_sae": [64]}, "name": "../escape"}, "field 'name': '../escape' is not a valid run name"),
 ]
 

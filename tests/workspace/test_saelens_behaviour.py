@@ -83,6 +83,7 @@ def test_the_columns_decide_text_or_tokens_like_saelens(tmp_path: Path, caplog: 
     assert sum("the column decides" in r.getMessage() for r in caplog.records) == 2
 
 
+@pytest.mark.slow  # real processes, seconds each: kept out of the fast lane
 def test_from_pretrained_path_continues_a_saved_sae(
     tmp_path: Path, existing_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

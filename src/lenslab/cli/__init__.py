@@ -16,10 +16,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lenslab.cli import box, common, connect, offers, project, status, train, watch
+from lenslab.cli import box, common, connect, export, offers, project, status, train, watch
 from lenslab.cli import eval as evaluation
 
-_COMMAND_GROUPS = (project, box, status, offers, connect, train, evaluation, watch)
+_COMMAND_GROUPS = (project, box, status, offers, connect, train, evaluation, watch, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

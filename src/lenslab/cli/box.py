@@ -127,6 +127,9 @@ def _ready_text(box: Box, summary: dict[str, Any]) -> str:
 
 
 def _engine_text(summary: dict[str, Any]) -> str:
+    scheduler = summary.get("scheduler")
+    if isinstance(scheduler, dict):  # a cluster's login node: its batch scheduler runs the lab
+        return f"{scheduler['name']} {scheduler['version']}, lenslab in {scheduler['venv']['venv']}"
     if summary.get("docker") == "none":  # a box without an engine: lenslab-box runs the lab
         return f"no Docker (lenslab-box {summary.get('lenslab_box')})"
     return f"docker {summary.get('docker')}"

@@ -104,12 +104,23 @@ def _text(d: dict[str, Any]) -> str:
             f"  disk:   {disk}",
             f"  root:   {d.get('root', '?')}"
             + (f" ({_gib(used)} used)" if used is not None else "" if d.get("root_exists") else " (missing)"),
-            f"  containers: {d['containers'] if d.get('containers') is not None else 'docker unavailable'}",
         ]
+        + _lab_lines(d)
         + ([f"  {_cost_line(d['cost'])}"] if d.get("cost") else [])
         + [f"  autostop: {d.get('autostop_text', 'unknown')}"]
         + report.lines(d.get("recoveries"))
     ) + _instances_text(d, "\n  ")
+
+
+def _lab_lines(d: dict[str, Any]) -> list[str]:
+    """What runs the lab: the containers, or a cluster's batch scheduler, partitions and nodes."""
+    scheduler = d.get("scheduler")
+    if not isinstance(scheduler, dict):
+        return [f"  containers: {d['containers'] if d.get('containers') is not None else 'docker unavailable'}"]
+    parts = ", ".join(f"{p['name']}{'*' if p['default'] else ''} ({p['nodes']} nodes, {p['state']})"
+                      for p in scheduler["partitions"])  # fmt: skip
+    nodes = ", ".join(f"{n['name']} {n['state']}" for n in scheduler["nodes"])
+    return [f"  {scheduler['name']}: partitions {parts or 'none'}", f"  nodes:  {nodes or 'none'}"]
 
 
 def _gpu_text(gpu: dict[str, Any]) -> str:

@@ -19,21 +19,39 @@ def train(args: argparse.Namespace) -> int:
     run restarts itself after a crash and resumes from its newest checkpoint; the same name on
     a new box with the same persistent root continues it.
 
+    Several run files are a sweep: on a Slurm cluster one job array, a task per run file (a
+    group run file with a [sweep] grid is one run, so one task); elsewhere started in turn.
+
     Example:
       lenslab train workspace/configs/tiny.toml
       lenslab train run.toml --name sweep-1 && lenslab logs sweep-1 -f
+      lenslab train sweep/*.toml
     """
     from lenslab import runfile, runmirror, runstart
     from lenslab.cli.common import one_line
+    from lenslab.errors import ConfigError
     from lenslab.remote.labs import open_lab
     from lenslab.remote.training import RunDidNotStart
 
-    run = runfile.load(Path(args.run_file), args.name)
+    if len(args.run_file) > 1 and args.name:
+        raise ConfigError("--name names one run, but several run files were given", "set `name` in each run file")
+    loaded = [runfile.load(Path(path), args.name) for path in args.run_file]
+    if len({run.name for run in loaded}) != len(loaded):
+        raise ConfigError("two of the run files have the same run name", "give each its own `name`")
     cfg = load_config(args)
-    runmirror.with_box_mirror(run, cfg.box)  # checked before connecting: a bad one uploads nothing
+    for run in loaded:
+        runmirror.with_box_mirror(run, cfg.box)  # checked before connecting: a bad one uploads nothing
     runmirror.mirror_env(cfg.box)
     with open_lab(cfg) as lab:
-        run, runs_it = runstart.start_run(lab, run, cfg.box)  # as the watcher restarts it
+        start_runs = getattr(lab, "start_runs", None)
+        if start_runs is not None:  # a scheduler: the whole sweep is one submission
+            prepared = [runstart.prepare_run(lab, run, cfg.box) for run in loaded]
+            return _submitted(args, cfg.box.name, prepared, start_runs(prepared))
+        if len(loaded) > 1:
+            for run in loaded:
+                runstart.start_run(lab, run, cfg.box)
+            return _submitted(args, cfg.box.name, loaded, [f"run {run.name}" for run in loaded])
+        run, runs_it = runstart.start_run(lab, loaded[0], cfg.box)  # as the watcher restarts it
         try:
             status = lab.wait_started(run.name, args.wait)
         except RunDidNotStart as exc:
@@ -46,6 +64,8 @@ def train(args: argparse.Namespace) -> int:
     how = f"resumed from step {int(resumed)}" if resumed is not None else str(status.get("state"))
     if status.get("state") == "finished":
         how = "it had finished already"
+    elif status.get("state") == "queued":
+        how = "queued: every GPU of the box is in use; it starts when one frees"
     mirror = runmirror.run_mirror(run)
     emit(
         args,
@@ -55,6 +75,17 @@ def train(args: argparse.Namespace) -> int:
         + (f"checkpoints mirrored to {mirror}\n" if mirror else "")
         + f"follow: lenslab logs {run.name} -f    status: lenslab runs    stop: lenslab stop {run.name}",
     )  # fmt: skip
+    return 0
+
+
+def _submitted(args: argparse.Namespace, box: str, started: list[Any], what: list[str]) -> int:
+    """The runs of a sweep, submitted (a queue may hold them a while: `lenslab runs` follows them)."""
+    emit(
+        args,
+        {"runs": [{"run": run.name, "container": it} for run, it in zip(started, what, strict=True)], "box": box},
+        "\n".join(f"run {run.name}: {it}" for run, it in zip(started, what, strict=True))
+        + f"\n{len(started)} run(s) submitted to box {box}; status: lenslab runs    follow: lenslab logs NAME -f",
+    )
     return 0
 
 
@@ -78,8 +109,8 @@ def runs(args: argparse.Namespace) -> int:
         return _costs(args, report.cost_rows(cfg.box.name, found))
     recoveries = report.recent(cfg.box.name)
     now = time.time()
-    rows = [row for status in found for row in (_row(status, now), *_sae_rows(status))]
-    header = ("RUN", "STATE", "PROGRESS", "TOK/S", "ETA", "CHECKPOINT")
+    rows = [row for status in found for row in (_row(status, now), *((*r, "") for r in _sae_rows(status)))]
+    header = ("RUN", "STATE", "PROGRESS", "TOK/S", "ETA", "CHECKPOINT", "GPU")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     text = "\n".join(
         "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
@@ -111,7 +142,16 @@ def _row(status: dict[str, Any], now: float) -> tuple[str, ...]:
     ckpt = status.get("last_checkpoint")
     ckpt_text = f"step {ckpt['step']}, {_age(now - ckpt['time'])} ago" if ckpt else "-"
     return (str(status.get("name")), state, progress, f"{rate:,.0f}" if rate else "-",
-            _age(eta) if eta is not None and state == "running" else "-", ckpt_text)  # fmt: skip
+            _age(eta) if eta is not None and state == "running" else "-", ckpt_text, gpu_cell(status))  # fmt: skip
+
+
+def gpu_cell(status: dict[str, Any]) -> str:
+    """The GPU a live run uses (nvidia-smi's index), "queued" while it waits for one, else "-"
+    (a box without GPUs, or a run that is not running)."""
+    gpu = status.get("gpu")
+    if not isinstance(gpu, dict):
+        return "-"
+    return "queued" if gpu.get("state") == "queued" else str(gpu.get("index"))
 
 
 def _sae_rows(status: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -128,7 +168,12 @@ def run_state(status: dict[str, Any]) -> str:
     """What the run is doing, by its status.json and its container together: status.json says
     "running" forever when its container died, and nothing at all when it died starting."""
     state = str(status.get("state"))
+    queued = status.get("scheduler")
+    if isinstance(queued, dict):  # a batch scheduler's task: the queue's word and the trainer's, together
+        return str(queued.get("shown"))
     container = status.get("container")
+    if gpu_cell(status) == "queued":  # set only while its launch lives: it waits for a GPU
+        return "queued"
     if container is None:
         return "lost" if state in ("running", "starting") else state
     restarts = f", restarted {container['restarts']}x" if container["restarts"] else ""
@@ -256,7 +301,8 @@ def _serve_url(args: argparse.Namespace, port: int, token: str, tunnel: Any) -> 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(commands, "train", train)
-    parser.add_argument("run_file", metavar="RUN.toml", help="the run file (lenslab-train's format)")
+    parser.add_argument("run_file", metavar="RUN.toml", nargs="+",
+                        help="the run file (lenslab-train's format); several: a sweep")  # fmt: skip
     parser.add_argument("--name", type=run_name, help="run name (default: the file's `name`)")
     parser.add_argument("--wait", type=float, default=150.0, metavar="SECONDS",
                         help="how long to wait for the trainer to report in (default: 150)")  # fmt: skip

@@ -25,10 +25,12 @@ from lenslab.errors import ProviderError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from lenslab.config import BoxConfig
+    from lenslab.config import BoxConfig, Config
     from lenslab.providers.offers import Offer
     from lenslab.records import Box
     from lenslab.remote.bootstrap import Runner
+    from lenslab.remote.lab import Lab
+    from lenslab.remote.labs import LabBackend
 
 # How a box's idle/budget watcher acts: "none": no watcher (the user's own machine, in use by
 # them); "poweroff": only when the user opts in (box.autostop_poweroff), powering it off;
@@ -58,6 +60,8 @@ class Capabilities:
     launches: bool = True
     api_key_env: str | None = None  # e.g. "RUNPOD_API_KEY"
     api_key_file: str | None = None  # file name under ~/.config/lenslab/, e.g. "runpod-api-key"
+    # Runs go to this batch scheduler on the box (a cluster's login node) instead of its own lab.
+    scheduler: Literal["none", "slurm"] = "none"
 
     @property
     def needs_api_key(self) -> bool:
@@ -170,6 +174,10 @@ class Provider:
 
     def autostop_inputs(self, cfg: BoxConfig) -> AutostopInputs:
         return AutostopInputs()
+
+    def scheduler_lab(self, cfg: Config, runner: Runner, lab: Lab) -> LabBackend:
+        """The lab backend of a box whose runs go to a batch scheduler (``capabilities.scheduler``)."""
+        raise ProviderError(f"provider {self.name} submits runs to no batch scheduler")
 
     def cost(self, box_name: str) -> dict[str, Any] | None:
         """Price, hours and cost so far (``capabilities.cost``)."""

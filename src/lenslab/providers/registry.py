@@ -21,6 +21,7 @@ PROVIDERS: dict[str, str] = {
     "lambda": "lenslab.providers.lambda_cloud.provider:LambdaProvider",
     "runpod": "lenslab.providers.runpod.provider:RunPodProvider",
     "vast": "lenslab.providers.vast.provider:VastProvider",
+    "slurm": "lenslab.providers.slurm.provider:SlurmProvider",
 }
 
 

@@ -17,7 +17,7 @@ import shlex
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from lenslab.contract import BOX_LABEL, ROLE_LABEL, RUN_LABEL, STATUS_FILE, is_run_name
+from lenslab.contract import BOX_LABEL, GPU_FILE, GPU_UUID, ROLE_LABEL, RUN_LABEL, STATUS_FILE, is_run_name
 from lenslab.remote.engine import engine_errors
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ MAX_NUMBER = 10**18
 STATES = ("starting", "running", "finished", "interrupted", "failed")
 _NUMBERS = ("step", "tokens_done", "tokens_total", "tokens_per_second", "eta_seconds", "resumed_from_step",
             "started_at", "updated_at")  # fmt: skip
+MAX_GPU_INDEX = 63
 _DOCKER_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
@@ -67,6 +68,41 @@ def clean_status(raw: object, name: str) -> dict[str, Any] | None:
     return status
 
 
+def clean_gpu(raw: object) -> dict[str, Any] | None:
+    """A run's placement as the box recorded it, checked: ``{"state": "placed", "index": 0,
+    "uuid": ..., "at": ...}`` or ``{"state": "queued", "index": None, ...}``; None otherwise."""
+    if not isinstance(raw, dict) or raw.get("state") not in ("placed", "queued"):
+        return None
+    at = _number(raw.get("at"))
+    if raw["state"] == "queued":
+        return {"state": "queued", "index": None, "uuid": None, "at": at}
+    index, uuid = raw.get("index"), raw.get("uuid")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= MAX_GPU_INDEX:
+        return None
+    uuid = uuid if isinstance(uuid, str) and GPU_UUID.fullmatch(uuid) else None
+    return {"state": "placed", "index": index, "uuid": uuid, "at": at}
+
+
+def current_gpu(raw: object, container: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The placement of the container's launch: recorded while it runs, not before it was made."""
+    gpu = clean_gpu(raw)
+    if gpu is None or container is None or container.get("state") not in ("running", "restarting"):
+        return None
+    return gpu if (gpu["at"] or 0.0) >= container["created"] else None
+
+
+def is_queued(status: dict[str, Any]) -> bool:
+    """Whether the run's live launch waits for a GPU (a box with GPUs, every one in use)."""
+    gpu = status.get("gpu")
+    return isinstance(gpu, dict) and gpu.get("state") == "queued"
+
+
+def read_gpu(runner: Runner, run_dir: str, container: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run's placement by its container's current launch (see ``current_gpu``)."""
+    out = runner.run(f"head -c {MAX_STATUS_BYTES} {shlex.quote(f'{run_dir}/{GPU_FILE}')} 2>/dev/null")
+    return current_gpu(_json_or_none(out.stdout), container)
+
+
 def _sae(entry: dict[str, Any]) -> dict[str, Any]:
     losses = entry.get("losses")
     losses = losses if isinstance(losses, dict) else {}
@@ -91,22 +127,26 @@ def read_status(runner: Runner, path: str) -> dict[str, Any] | None:
 
 def statuses(runner: Runner, runs_dir: str, box: str) -> list[dict[str, Any]]:
     """Every run's status under ``runs_dir`` with its container's facts (``container``: None
-    when it has none); one round trip. Entries that are not valid runs are skipped."""
+    when it has none) and its GPU (``gpu``: None when it has none); one round trip. Entries
+    that are not valid runs are skipped."""
     runs = shlex.quote(runs_dir)
     filters = " ".join(
         f"--filter {shlex.quote(f'label={label}')}" for label in (f"{BOX_LABEL}={box}", f"{ROLE_LABEL}=train")
     )
-    # Each record is "S <base64 name> <base64 status>" or "C <base64 docker inspect JSON>".
+    # Each record is "S <base64 name> <base64 status>", "G <base64 name> <base64 gpu.json>" or
+    # "C <base64 docker inspect JSON>".
     result = runner.run(
-        f'for d in {runs}/*/; do f="$d"{STATUS_FILE}; [ -f "$f" ] || continue; '
-        'n=${d%/}; n=$(printf %s "${n##*/}" | base64 | tr -d "\\n"); '
-        f's=$(head -c {MAX_STATUS_BYTES} "$f" | base64 | tr -d "\\n"); printf "S %s %s\\n" "$n" "$s"; done; '
+        f'for d in {runs}/*/; do n=${{d%/}}; n=$(printf %s "${{n##*/}}" | base64 | tr -d "\\n"); '
+        f'for r in S:{STATUS_FILE} G:{GPU_FILE}; do f="$d${{r#?:}}"; [ -f "$f" ] || continue; '
+        f's=$(head -c {MAX_STATUS_BYTES} "$f" | base64 | tr -d "\\n"); printf "%s %s %s\\n" "${{r%%:*}}" "$n" "$s"; '
+        "done; done; "
         f"ids=$(docker ps -aq {filters} 2>/dev/null); "
         '[ -z "$ids" ] || printf "C %s\\n" "$(docker inspect $ids 2>/dev/null | base64 | tr -d "\\n")"; true',
         check=True,
     )
     found: dict[str, dict[str, Any]] = {}
     containers: dict[str, dict[str, Any]] = {}
+    gpus: dict[str, object] = {}
     for line in result.stdout.splitlines():
         fields = line.split(" ")
         if fields[0] == "S" and len(fields) == 3:
@@ -115,12 +155,15 @@ def statuses(runner: Runner, runs_dir: str, box: str) -> list[dict[str, Any]]:
             checked = clean_status(status, name) if is_run_name(name) else None
             if checked is not None:
                 found[name] = checked
+        elif fields[0] == "G" and len(fields) == 3:
+            gpus[_b64(fields[1])] = _json_or_none(_b64(fields[2]))
         elif fields[0] == "C" and len(fields) == 2:
             containers = _containers(_json_or_none(_b64(fields[1])))
     for name in containers:
         found.setdefault(name, {"name": name, "state": "starting", "last_checkpoint": None})
     for name, status in found.items():
         status["container"] = containers.get(name)
+        status["gpu"] = current_gpu(gpus.get(name), status["container"])
     return [found[name] for name in sorted(found)]
 
 

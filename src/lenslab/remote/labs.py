@@ -84,7 +84,9 @@ def open_lab(cfg: Config, attempts: int = 3) -> Iterator[LabBackend]:
         recorded = sshconfig.recorded_root(box.alias) if box.host else None
         resolved, gpus = labs.probe(runner, recorded or box.root)
         lab = labs.Lab(cfg.box.name, resolved, cfg.box.image, gpus)
-        if has_engine(cfg.box, provider):
+        if provider.capabilities.scheduler != "none":
+            yield provider.scheduler_lab(cfg, runner, lab)
+        elif has_engine(cfg.box, provider):
             from lenslab.remote.labsession import docker_lab
 
             with docker_lab(runner, lab) as session:
@@ -110,6 +112,10 @@ def make_ready(
     with progress.step(f"connecting to {where}"):
         runner = connect()
     try:
+        if provider.capabilities.scheduler != "none":
+            from lenslab.remote import slurmbox
+
+            return slurmbox.make_ready(cfg, box, runner, progress)
         if not has_engine(cfg.box, provider):
             from lenslab.config import STOCK_IMAGE
             from lenslab.remote.processlab import prepare
@@ -194,7 +200,11 @@ def _bootstrap_lines(show: Callable[[str], None]) -> Callable[[str, str], None]:
 
 def stop_all(cfg: BoxConfig, provider: Provider, runner: Runner, box: Box) -> list[str]:
     """`lenslab down`: stop everything lenslab runs on the box, gracefully (training
-    checkpoints); the containers (or runs) stopped."""
+    checkpoints); the containers (or runs) stopped. A batch scheduler's jobs are left alone."""
+    if provider.capabilities.scheduler != "none":
+        from lenslab.remote import slurmbox
+
+        return slurmbox.stop_all()
     if has_engine(cfg, provider):
         label = shlex.quote(f"label={BOX_LABEL}={box.name}")
         result = runner.run(
@@ -226,6 +236,11 @@ def box_facts(
     from lenslab.remote import autostop
     from lenslab.remote.bootstrap import check_status_facts, status
 
+    if provider.capabilities.scheduler != "none":
+        from lenslab.remote import slurmbox
+        from lenslab.remote.lab import probe
+
+        return slurmbox.facts(runner, probe(runner, box.root)[0]), None
     if has_engine(cfg, provider):
         return status(runner, box.root, box.name), autostop.read_state(runner)
     from lenslab.remote.processlab import ask

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lenslab.contract import EXIT_FINISHED, LOG_FILE, is_run_name
 from lenslab.errors import BootstrapError, CommandFailed, GPURequired, LenslabError, RemoteError
-from lenslab.remote.boxstate import LOG_TAIL_LINES, clean_status, text
+from lenslab.remote.boxstate import LOG_TAIL_LINES, clean_gpu, clean_status, is_queued, text
 from lenslab.remote.lab import Lab
 from lenslab.remote.training import (
     POLL_SECONDS,
@@ -103,7 +103,8 @@ def supervisor_facts(raw: object) -> dict[str, Any] | None:
 
 
 def parse_runs(raw: object) -> dict[str, dict[str, Any]]:
-    """``lenslab-box runs``' answer, checked: run name -> status with its ``container`` facts."""
+    """``lenslab-box runs``' answer, checked: run name -> status with its ``container`` facts
+    and its ``gpu`` (None on a box without GPUs, or when its supervisor is gone)."""
     found: dict[str, dict[str, Any]] = {}
     for item in raw if isinstance(raw, list) else []:
         name = item.get("name") if isinstance(item, dict) else None
@@ -115,6 +116,8 @@ def parse_runs(raw: object) -> dict[str, dict[str, Any]]:
             continue
         status = status or {"name": name, "state": "starting", "last_checkpoint": None}
         status["container"] = facts
+        live = facts is not None and facts["state"] != "exited"
+        status["gpu"] = clean_gpu(item.get("gpu")) if live else None
         found[name] = status
     return found
 
@@ -154,6 +157,8 @@ class ProcessLab:
             facts = status.get("container") if status else None
             if status is None or facts is None:
                 raise self._not_started(name, "its supervisor is gone")
+            if is_queued(status):  # every GPU is busy: the box starts it when one frees
+                return {"name": name, "state": "queued", "gpu": status["gpu"], "resumed_from_step": None}
             if facts["launched"] and (status.get("started_at") or 0.0) >= facts["created"]:
                 if status.get("state") in STARTED_STATES:
                     return status

@@ -30,7 +30,7 @@ from lenslab.contract import (
     STOP_TIMEOUT_SECONDS,
 )
 from lenslab.errors import CommandFailed, DiskFull, LenslabError
-from lenslab.remote.boxstate import container_facts, log_tail, read_status, statuses
+from lenslab.remote.boxstate import container_facts, is_queued, log_tail, read_gpu, read_status, statuses
 from lenslab.remote.engine import engine_errors
 from lenslab.remote.lab import MOUNT_POINT, Lab, find
 
@@ -109,6 +109,10 @@ def start(client: docker.DockerClient, runner: Runner, lab: Lab, run: RunFile) -
         f"{MOUNT_POINT}/runs-config/{run.name}/{run.path.name}",
         "--runs-dir", f"{MOUNT_POINT}/{RUNS_DIR}",
     ]  # fmt: skip
+    if lab.gpus:
+        # One GPU per run: the container waits in the root's queue for a free GPU, then becomes
+        # the trainer on it (CUDA_VISIBLE_DEVICES); containers share the root and its locks.
+        command = ["lenslab-box", "--root", MOUNT_POINT, "place", run.name, "--", *command]
     api = client.api
     with engine_errors():
         # The low-level API: the high-level run() cannot set a stop timeout.
@@ -174,6 +178,9 @@ def wait_started(
         if facts is None:
             raise _not_started(client, name, "its container was removed before the trainer started")
         status = read_status(runner, paths.status_file)
+        gpu = read_gpu(runner, paths.run_dir, facts) if lab.gpus else None
+        if gpu is not None and is_queued({"gpu": gpu}):  # every GPU is busy: it starts when one frees
+            return {"name": name, "state": "queued", "gpu": gpu, "resumed_from_step": None}
         if status is not None and (status["started_at"] or 0.0) >= facts["created"]:
             if status.get("state") in STARTED_STATES:
                 return status

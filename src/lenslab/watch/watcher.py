@@ -292,8 +292,13 @@ class Watcher:
     def _move(self, to: ContainerCloud) -> None:
         """The box moves to another provider. Its new home, then its spending, are written before
         anything launches there: a watcher killed now looks for it there, launching nothing twice,
-        and carries the spending a kill between the two left behind (``settle_spending``)."""
+        and carries the spending a kill between the two left behind (``settle_spending``). An
+        instance still on the old provider (a launch retried after a failed one) is terminated
+        first, so nothing bills where the box no longer lives and its hours reach the ledger."""
         old = self.provider.name
+        left = self.provider.get(self.box)
+        if left is not None:
+            self.provider.terminate(left)
         placement.move(self.box, to.name)
         relocate.carry_spending(self.box.name, old, to.name)
         self.provider, self.state.provider = to, to.name

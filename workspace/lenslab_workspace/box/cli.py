@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="a container box's start command: sshd, runs, signals")
     serve.add_argument("--no-sshd", action="store_true",
                        help="leave SSH to the image's own sshd (the provider's stock image)")  # fmt: skip
+    place = sub.add_parser("place", help="run COMMAND on a GPU of its own, queued while every GPU is busy")
+    place.add_argument("name", metavar="NAME")
+    place.add_argument("argv", metavar="COMMAND", nargs=argparse.REMAINDER, help="after --")
     supervise = sub.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("name")
     supervise.add_argument("run_file")
@@ -90,6 +93,10 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
         return _print(facts.jupyter(root, args.port))
     if command == "logs":
         return _logs(root, args.name, args.offset, args.follow)
+    if command == "place":
+        from lenslab_workspace.box.placement import exec_placed
+
+        return exec_placed(root, args.name, args.argv)
     if command == "supervise":
         return supervisor.Supervisor(root, args.name, args.run_file).run()
     from lenslab_workspace.box.serve import Server

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lenslab.contract import RUNS_DIR, STATUS_FILE, is_run_name
-from lenslab_workspace.box import supervisor
+from lenslab_workspace.box import placement, supervisor
 from lenslab_workspace.box.layout import BoxError, alive, read_json, state_dir, write_json
 
 DU_SECONDS = 0.3
@@ -151,7 +151,9 @@ def runs(root: Path) -> list[dict[str, Any]]:
                 "launched_at": state.get("launched_at"),
                 "trainer_pid": state.get("trainer_pid") if live else None,
             }
-        out.append({"name": name, "status": status, "supervisor": facts})
+        # Which GPU the live launch uses, or that it waits for one; None without GPUs.
+        gpu = placement.recorded(root, name, state.get("supervisor_pid")) if live else None
+        out.append({"name": name, "status": status, "supervisor": facts, "gpu": gpu})
     return out
 
 

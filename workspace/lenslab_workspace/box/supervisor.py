@@ -10,7 +10,11 @@ replaced atomically under a lock:
                     runs that are still meant to run
     supervisor_pid, trainer_pid, launched_at (when the current trainer started)
     trainer_start_ticks (the trainer's start time in /proc ticks: a pid alone may be reused)
-    restarts, last_exit_code, phase ("running", "restarting", "exited")
+    restarts, last_exit_code, phase ("queued", "running", "restarting", "exited")
+
+On a box with GPUs the supervisor first takes a GPU of its own (box/placement.py), waiting in
+the root's queue ("queued") while every GPU is busy; the trainer sees only that GPU
+(``CUDA_VISIBLE_DEVICES``) and the GPU frees when the run ends, however it ends.
 
 One run, one trainer: ``start`` and ``stop`` hold ``.start.lock`` from their check to the
 supervisor's report (a stop during a start waits for it, then stops the run), and the
@@ -44,6 +48,7 @@ from lenslab.contract import (
     STOP_TIMEOUT_SECONDS,
     is_run_name,
 )
+from lenslab_workspace.box import gpus, placement
 from lenslab_workspace.box.layout import (
     CONSOLE_FILE,
     SUPERVISE_MARKER,
@@ -222,6 +227,7 @@ class Supervisor:
         self.trainer: subprocess.Popen[bytes] | None = None
         self.stopping = False
         self.lock: IO[str] | None = None
+        self.placement: placement.Placement | None = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Whoever stops the supervisor (`lenslab-box stop`, the container stopping) wants a
@@ -239,6 +245,9 @@ class Supervisor:
             return EXIT_ALREADY_RUNNING
         state = update_state(self.root, self.name, supervisor_pid=os.getpid())
         restarts = int(state.get("restarts") or 0)
+        if not self._place():  # stopped while it waited for a GPU
+            update_state(self.root, self.name, phase="exited", trainer_pid=None)
+            return 0
         while True:
             code = self._launch_and_wait()
             if code is None or self.stopping or code in NOT_CRASHES:
@@ -257,7 +266,34 @@ class Supervisor:
             # It finished, was refused, or someone else stopped the trainer: not meant to run on.
             update_state(self.root, self.name, desired="stopped")
         update_state(self.root, self.name, phase="exited", trainer_pid=None)
+        self._unplace()
         return 0
+
+    def _place(self) -> bool:
+        """A GPU of its own when the box has GPUs, waiting in the queue while none is free;
+        False when the run was stopped first. Without GPUs runs share the machine, as before."""
+        found = gpus.inventory()
+        if not found:
+            return True
+        self.placement = placement.place(self.root, self.name, found, lambda: self.stopping,
+                                         lambda: self._queued(len(found)))  # fmt: skip
+        if self.placement is None:
+            placement.forget(self.root, self.name)
+            return False
+        gpu = self.placement.gpu
+        update_state(self.root, self.name, queued_at=None)
+        self._say(f"placed on GPU {gpu.index} ({gpu.name}, {gpu.uuid})")
+        return True
+
+    def _queued(self, count: int) -> None:
+        update_state(self.root, self.name, phase="queued", queued_at=time.time())
+        self._say(f"queued: all {count} GPU(s) are in use; it starts when one frees")
+
+    def _unplace(self) -> None:
+        if self.placement is not None:
+            placement.forget(self.root, self.name)
+            self.placement.release()
+            self.placement = None
 
     def _spawn_if_desired(self) -> subprocess.Popen[bytes] | None:
         """The trainer, launched only while the run is still meant to run: ``desired`` is read
@@ -269,10 +305,15 @@ class Supervisor:
             state = read_state(self.root, self.name)
             if self.stopping or state.get("desired") != "running":
                 return None
+            # The GPU's slot goes with the trainer too: it stays taken while the trainer lives.
+            fds: tuple[int, ...] = (self.lock.fileno(),)
+            env: dict[str, str] | None = None
+            if self.placement is not None:
+                fds, env = (*fds, self.placement.handle.fileno()), {**os.environ, **self.placement.env()}
             with _console(self.root, self.name) as console:
                 trainer = subprocess.Popen(
                     trainer_command(self.root, self.run_file), stdin=subprocess.DEVNULL, stdout=console,
-                    stderr=console, pass_fds=(self.lock.fileno(),), preexec_fn=die_with_me,
+                    stderr=console, pass_fds=fds, preexec_fn=die_with_me, env=env,
                 )  # fmt: skip
             state.update(trainer_pid=trainer.pid, trainer_start_ticks=start_ticks(trainer.pid),
                          launched_at=time.time(), phase="running", updated_at=time.time())  # fmt: skip
@@ -346,12 +387,15 @@ def stop(root: Path, name: str, timeout: float = STOP_TIMEOUT_SECONDS + 15) -> d
             update_state(root, name, desired="stopped")
         if not is_alive(state, name):
             return {"run": name, "was_running": _stop_orphan(root, name, state), "exit_code": None}
+        queued = state.get("phase") == "queued"
         os.kill(int(state["supervisor_pid"]), signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while is_alive(read_state(root, name), name):
             if time.monotonic() > deadline:
                 raise BoxError(f"run {name} did not stop within {timeout:.0f}s")
             time.sleep(0.2)
+    if queued:  # it left the queue: stopped on request before it started, as a trainer's 75 says
+        return {"run": name, "was_running": True, "exit_code": EXIT_INTERRUPTED, "queued": True}
     return {"run": name, "was_running": True, "exit_code": read_state(root, name).get("last_exit_code")}
 
 
@@ -378,7 +422,10 @@ def states(root: Path) -> dict[str, dict[str, Any]]:
 def resume_desired(root: Path) -> list[str]:
     """Start again every run meant to run whose supervisor is gone (a restarted container)."""
     resumed = []
-    for name, state in states(root).items():
+    # Runs that had a GPU first, then the queued ones in the order they queued: on a box with
+    # GPUs each supervisor joins the queue as it starts, so this keeps their places.
+    order = sorted(states(root).items(), key=lambda item: placement.resume_key(item[1]))
+    for name, state in order:
         run_file = Path(str(state.get("run_file") or ""))
         if state.get("desired") == "running" and not is_alive(state, name) and run_file.is_file():
             try:

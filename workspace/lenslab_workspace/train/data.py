@@ -11,7 +11,7 @@ checkpoint: a resumed run is served the very same batches.
 The array is written by a background thread (tokenfile.py) while training reads its first
 rows. With ``prefetch_llm_batches`` the model's forward passes run ahead in another thread
 (prefetch.py); while it is on, only that thread runs the model (TransformerLens's
-``run_with_cache`` is not thread-safe).
+``run_with_cache`` is not thread-safe; a group's streams take turns under one lock).
 """
 
 from __future__ import annotations
@@ -300,11 +300,6 @@ class ActivationStream:
         self._advance(position, epoch)
         return activations
 
-    def _next_tokens(self) -> torch.Tensor:
-        """The next model batch's token rows, moving the position past them (no prefetch)."""
-        position = self._advance()
-        return torch.from_numpy(np.asarray(self.tokens.read(position, self.store_batch_size), dtype=np.int64))
-
     def _advance(self, position: int | None = None, epoch: int | None = None) -> int:
         """Move past the batch at ``position`` (found here unless the prefetch thread found it)."""
         if position is None or epoch is None:
@@ -340,6 +335,18 @@ class ActivationStream:
         """The hook's activations for the rows at ``position``: a function of them and the model only."""
         rows = self.tokens.read(position, self.store_batch_size)
         batch_tokens = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.model.cfg.device)
+        acts = self._model_pass(position, batch_tokens)[:, self.seqpos_slice]
+        if self.hook_head_index is not None:
+            acts = acts[:, :, self.hook_head_index]
+        acts = acts.reshape(acts.shape[0] * acts.shape[1], self.d_in).float().to(self.store_device)
+        if self.exclude_tokens is not None:
+            token_ids = batch_tokens[:, self.seqpos_slice].reshape(-1).to(acts.device)
+            acts = acts[~torch.isin(token_ids, self.exclude_tokens.to(acts.device))]
+        activations: torch.Tensor = acts
+        return activations
+
+    def _model_pass(self, position: int, batch_tokens: torch.Tensor) -> torch.Tensor:
+        """The hook's activations (all positions) for ``batch_tokens``, the rows at ``position``."""
         with torch.autocast(
             device_type=torch.device(self.model.cfg.device).type, dtype=torch.bfloat16, enabled=self.autocast_lm
         ):
@@ -350,15 +357,8 @@ class ActivationStream:
                 prepend_bos=False,
                 **self.model_kwargs,
             )
-        acts = cache[self.hook_name][:, self.seqpos_slice]
-        if self.hook_head_index is not None:
-            acts = acts[:, :, self.hook_head_index]
-        acts = acts.reshape(acts.shape[0] * acts.shape[1], self.d_in).float().to(self.store_device)
-        if self.exclude_tokens is not None:
-            token_ids = batch_tokens[:, self.seqpos_slice].reshape(-1).to(acts.device)
-            acts = acts[~torch.isin(token_ids, self.exclude_tokens.to(acts.device))]
-        activations: torch.Tensor = acts
-        return activations
+        hook_acts: torch.Tensor = cache[self.hook_name]
+        return hook_acts
 
     def state_dict(self) -> dict[str, Any]:
         """A copy of the stream's state, detached from the live buffers."""

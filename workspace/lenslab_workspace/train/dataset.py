@@ -272,3 +272,19 @@ KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "text", dic
 
 def _kind(value: Any) -> str:
     return "empty (null)" if value is None else KINDS.get(type(value), f"a {type(value).__name__}")
+
+
+def build_exclude_tokens(fields: dict[str, Any], tokenizer: Any) -> torch.Tensor | None:
+    """``exclude_special_tokens`` as the token ids the stream drops (true: the tokenizer's special ones)."""
+    setting = fields.get("exclude_special_tokens", False)
+    if setting is False:
+        return None
+    if setting is True:
+        if tokenizer is None:
+            return None
+        if isinstance(tokenizer, ByteTokenizer):
+            return torch.tensor([tokenizer.bos_token_id])
+        from sae_lens.util import get_special_token_ids
+
+        return torch.tensor(get_special_token_ids(tokenizer))
+    return torch.tensor(list(setting))

@@ -14,6 +14,11 @@ from __future__ import annotations
 from lenslab.contract import EXIT_FAILED, EXIT_USAGE
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (at most 500 characters), or its type's name."""
+    return " ".join(str(exc).split())[:500] or type(exc).__name__
+
+
 class LenslabTrainError(Exception):
     """Base class; the message is complete, one line, and says how to fix it."""
 

@@ -8,10 +8,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lenslab_workspace import __version__
 from lenslab_workspace.train.atomic import fsync_dir, fsync_file
 from lenslab_workspace.train.rundir import RunDir
 
 FINISHED_MARKER = "lenslab-finished.json"
+
+
+def versions() -> dict[str, str]:
+    """What made a checkpoint or a finished SAE (kept in its manifest and marker)."""
+    import sae_lens
+    import torch
+
+    return {"lenslab_workspace": __version__, "sae_lens": sae_lens.__version__, "torch": torch.__version__}
 
 
 def save_final(trainer: Any, cfg: Any, run: RunDir, versions: dict[str, str]) -> None:

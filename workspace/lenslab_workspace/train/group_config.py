@@ -6,8 +6,8 @@ Two ways to write one (not both in one file):
     name = "wide"            ``architecture`` and the architecture's fields, and any of the
     architecture = "topk"    fields that may differ per SAE (``PER_SAE_FIELDS``: its own
     d_in = 768               ``hook_name`` on the same model, ``lr`` and its schedule, Adam's
-    d_sae = 24576            betas, the sparsity windows). ``[sae]``, if given, holds
-    k = 64                   defaults for every entry.
+    d_sae = 24576            betas, the sparsity windows, ``from_pretrained_path``). ``[sae]``,
+    k = 64                   if given, holds defaults for every entry.
     lr = 1e-4
 
     [sweep]                  a grid: every combination of the listed values, applied over
@@ -48,14 +48,13 @@ PER_SAE_FIELDS = (
     "dead_feature_window",
     "feature_sampling_window",
     "dead_feature_threshold",
+    "from_pretrained_path",  # the SAE it continues (checked against its own [sae] fields)
 )
 # status.json lists each SAE and the laptop reads at most 64 KiB of it: 64 SAEs fit with room.
 MAX_GROUP = 64
 # Settings a group refuses (one line each): what lenslab does not yet do for several SAEs.
 GROUP_REFUSED = {
-    "from_pretrained_path": "continuing a pretrained SAE is for a single-SAE run file; remove it here",
-    # The group's streams share one model pass per batch in the training thread.
-    "prefetch_llm_batches": "a group already runs the model once for all its SAEs; set it to false",
+    "from_pretrained_path": "set it in the [[saes]] table of each SAE that continues a saved one",
 }
 
 
@@ -66,12 +65,7 @@ def load_group(source: Path, raw: dict[str, Any]) -> RunSettings:
     base = {k: v for k, v in raw.items() if k not in ("saes", "sweep")}
     for key, why in GROUP_REFUSED.items():
         if base.get(key) not in (None, False, 0):
-            raise RunConfigError(f"{source}: field '{key}': not supported with several SAEs: {why}")
-    if base.get("logger", {}).get("log_to_wandb") if isinstance(base.get("logger"), dict) else False:
-        raise RunConfigError(
-            f"{source}: field 'logger.log_to_wandb': wandb logging of a group of SAEs is not supported yet; "
-            "set it to false (status.json shows each SAE's losses)"
-        )
+            raise RunConfigError(f"{source}: field '{key}': not a field of the whole group: {why}")
     entries = _entries_from_saes(source, raw["saes"]) if "saes" in raw else _entries_from_sweep(source, raw["sweep"])
     if not entries:
         raise RunConfigError(f"{source}: the group holds no SAE; add at least one [[saes]] table or sweep value")

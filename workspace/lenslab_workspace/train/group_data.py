@@ -12,17 +12,36 @@ sweep over sparsity or learning rate shares one per hook). Each stream shuffles 
 RNG state, swapped in for the shuffle only, and takes its activations from ``SharedForward``,
 which runs the model once per token batch for every hook of the group. Streams in lockstep
 ask for the same token batch one after the other and get the cached pass.
+
+With ``prefetch_llm_batches`` each stream makes its model batches ahead in its own thread, as a
+single run's stream does (prefetch.py): the threads take turns at the model under one lock
+(TransformerLens's ``run_with_cache`` is not thread-safe) and find the batch a stream of the
+same lane asked for first in the cache. What is served is unchanged: a model batch is a
+function of its token rows only, and the mixing still runs in the training thread.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
 
-from lenslab_workspace.train.data import ActivationStream
+from lenslab_workspace.train.data import ActivationStream, prefetch_depth
+from lenslab_workspace.train.tokenfile import TokenRows
+
+
+def cache_size(runner: dict[str, Any], n_streams: int) -> int:
+    """Model passes ``SharedForward`` keeps: enough that every stream of a lane finds the batches
+    its first stream asked for, which run ahead of it by at most one refill (the first one
+    fills the whole buffer) plus what a prefetch thread makes ahead."""
+    context = len(range(runner.get("context_size", 128))[slice(*runner.get("seqpos_slice", (None,)))])
+    per_batch = max(1, int(runner.get("store_batch_size_prompts", 32)) * context)
+    refill = math.ceil(int(runner.get("n_batches_in_buffer", 20)) * context / per_batch)
+    return n_streams * (refill + prefetch_depth(runner) + 1) + 1
 
 
 class SharedForward:
@@ -39,32 +58,35 @@ class SharedForward:
         self.model_kwargs: dict[str, Any] = runner.get("model_kwargs", {})
         self.autocast_lm = bool(runner.get("autocast_lm", False))
         self.keep = max(keep, 1)
-        self._cache: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
+        # Keyed by the batch's first row: the rows there, so their activations, never change.
+        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()  # one model pass at a time (prefetch threads)
         self.passes = 0  # model passes made (the benchmark and tests read it)
 
     @torch.no_grad()
-    def activations(self, key: tuple[int, int], batch_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every hook's activations for the token batch at ``key`` (epoch, position)."""
-        found = self._cache.get(key)
-        if found is not None:
-            self._cache.move_to_end(key)
+    def activations(self, position: int, batch_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every hook's activations for the token batch whose first row is ``position``."""
+        with self._lock:
+            found = self._cache.get(position)
+            if found is not None:
+                self._cache.move_to_end(position)
+                return found
+            with torch.autocast(
+                device_type=torch.device(self.model.cfg.device).type, dtype=torch.bfloat16, enabled=self.autocast_lm
+            ):
+                _, cache = self.model.run_with_cache(
+                    batch_tokens,
+                    names_filter=self.hooks,
+                    stop_at_layer=self.stop_at_layer,
+                    prepend_bos=False,
+                    **self.model_kwargs,
+                )
+            self.passes += 1
+            found = {hook: cache[hook] for hook in self.hooks}
+            self._cache[position] = found
+            while len(self._cache) > self.keep:
+                self._cache.popitem(last=False)
             return found
-        with torch.autocast(
-            device_type=torch.device(self.model.cfg.device).type, dtype=torch.bfloat16, enabled=self.autocast_lm
-        ):
-            _, cache = self.model.run_with_cache(
-                batch_tokens,
-                names_filter=self.hooks,
-                stop_at_layer=self.stop_at_layer,
-                prepend_bos=False,
-                **self.model_kwargs,
-            )
-        self.passes += 1
-        found = {hook: cache[hook] for hook in self.hooks}
-        self._cache[key] = found
-        while len(self._cache) > self.keep:
-            self._cache.popitem(last=False)
-        return found
 
 
 class GroupStream(ActivationStream):
@@ -73,7 +95,7 @@ class GroupStream(ActivationStream):
     def __init__(
         self,
         model: Any,
-        tokens: np.ndarray,
+        tokens: np.ndarray | TokenRows,
         runner: dict[str, Any],
         d_in: int,
         exclude_tokens: torch.Tensor | None,
@@ -95,20 +117,9 @@ class GroupStream(ActivationStream):
         finally:
             torch.set_rng_state(outside)
 
-    @torch.no_grad()
-    def _llm_batch(self) -> torch.Tensor:
-        # ActivationStream._llm_batch, with the model pass shared by the group.
-        batch_tokens = self._next_tokens().to(self.model.cfg.device)
-        acts = self.shared.activations((self.epoch, self.position), batch_tokens)[self.hook_name]
-        acts = acts[:, self.seqpos_slice]
-        if self.hook_head_index is not None:
-            acts = acts[:, :, self.hook_head_index]
-        acts = acts.reshape(acts.shape[0] * acts.shape[1], self.d_in).float().to(self.store_device)
-        if self.exclude_tokens is not None:
-            token_ids = batch_tokens[:, self.seqpos_slice].reshape(-1).to(acts.device)
-            acts = acts[~torch.isin(token_ids, self.exclude_tokens.to(acts.device))]
-        activations: torch.Tensor = acts
-        return activations
+    def _model_pass(self, position: int, batch_tokens: torch.Tensor) -> torch.Tensor:
+        # ActivationStream's, with the pass shared by the group (and its prefetch threads).
+        return self.shared.activations(position, batch_tokens)[self.hook_name]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rng": self.rng_state.clone()}

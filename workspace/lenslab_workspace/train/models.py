@@ -16,6 +16,18 @@ from lenslab_workspace.train.data import ByteTokenizer
 from lenslab_workspace.train.errors import RunConfigError
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's RNGs, as SAELens seeds them before making the model."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def load_language_model(settings: RunSettings, device: str) -> tuple[Any, Any, str]:
     """Return ``(model, tokenizer, tokenizer_name)``; the model is in eval mode on ``device``."""
     runner = settings.runner_fields

@@ -20,30 +20,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import shutil
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lenslab.contract import EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_USAGE
-from lenslab_workspace import __version__
 from lenslab_workspace.train import checkpoint as ckpt
 from lenslab_workspace.train.atomic import fsync_dir, write_json_atomic
 from lenslab_workspace.train.config import RunSettings
 from lenslab_workspace.train.data import ActivationStream, open_token_rows, sequences_needed
-from lenslab_workspace.train.errors import (
-    CheckpointError,
-    ConfigChangedError,
-    LenslabTrainError,
-    RunConfigError,
-    UnexpectedError,
-)
+from lenslab_workspace.train.dataset import build_exclude_tokens as build_exclude_tokens  # analysis imports it here
+from lenslab_workspace.train.errors import CheckpointError, LenslabTrainError, RunConfigError, UnexpectedError, one_line
 from lenslab_workspace.train.final import FINISHED_MARKER, save_final, set_sae_metadata
+from lenslab_workspace.train.final import versions as versions  # the benchmarks import it from here
 from lenslab_workspace.train.launch import (
     check_config_unchanged,
     check_devices,
@@ -52,14 +45,17 @@ from lenslab_workspace.train.launch import (
     staging_dir,
     write_crash_log,
 )
+from lenslab_workspace.train.loop import Losses, Snapshotter, Stepper, run_steps
 from lenslab_workspace.train.mirror import Mirror, MirrorUploader
-from lenslab_workspace.train.models import check_pretrained, load_language_model, make_training_sae
-from lenslab_workspace.train.progress import Progress, RateWindow
+from lenslab_workspace.train.models import check_pretrained, load_language_model, make_training_sae, seed_everything
+from lenslab_workspace.train.resume_point import FoundCheckpoint, ResumePoint
 from lenslab_workspace.train.rundir import RunDir
+from lenslab_workspace.train.scalers import estimate_if_needed
 from lenslab_workspace.train.signals import StopRequest
 from lenslab_workspace.train.state import load_states, restore, take_snapshot
-from lenslab_workspace.train.status import StatusFile
-from lenslab_workspace.train.wandb_log import WandbLog, open_run
+from lenslab_workspace.train.status import StatusFile, plain_losses, report
+from lenslab_workspace.train.tokenfile import TokenRows
+from lenslab_workspace.train.wandb_log import open_run
 
 log = logging.getLogger("lenslab.train")
 
@@ -72,13 +68,6 @@ class Outcome:
     message: str
 
 
-@dataclass(frozen=True)
-class FoundCheckpoint:
-    path: Path
-    manifest: dict[str, Any]
-    states: dict[str, dict[str, Any]]
-
-
 @dataclass
 class Built:
     """What ``_build`` makes: the model's activations, the trainer, where it resumed from."""
@@ -87,39 +76,6 @@ class Built:
     trainer: Any
     resumed_from: int | None
     checkpoint: Path | None = None  # the one resumed from
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_exclude_tokens(fields: dict[str, Any], tokenizer: Any) -> torch.Tensor | None:
-    setting = fields.get("exclude_special_tokens", False)
-    if setting is False:
-        return None
-    if setting is True:
-        if tokenizer is None:
-            return None
-        from lenslab_workspace.train.data import ByteTokenizer
-
-        if isinstance(tokenizer, ByteTokenizer):
-            return torch.tensor([tokenizer.bos_token_id])
-        from sae_lens.util import get_special_token_ids
-
-        return torch.tensor(get_special_token_ids(tokenizer))
-    return torch.tensor(list(setting))
-
-
-def versions() -> dict[str, str]:
-    import sae_lens
-
-    return {"lenslab_workspace": __version__, "sae_lens": sae_lens.__version__, "torch": torch.__version__}
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:500] or type(exc).__name__
 
 
 class TrainingRun:
@@ -150,7 +106,7 @@ class TrainingRun:
                     EXIT_FINISHED, f"run '{self.settings.name}' already finished; the SAE is in {self.target.final}"
                 )
         check_devices(self.settings)
-        check_pretrained(self.settings)
+        self._check_pretrained()
         self.cfg = self.settings.runner_config()
         res = self.settings.resilience
         if res.mirror:
@@ -187,6 +143,9 @@ class TrainingRun:
         self.status.write()  # "starting": the launch has begun
         ckpt.remove_unfinished(self.run.checkpoints)
         self.stop.install()
+
+    def _check_pretrained(self) -> None:
+        check_pretrained(self.settings)
 
     def _new_status(self) -> StatusFile:
         total = self.settings.runner_fields.get("training_tokens", 0)
@@ -251,61 +210,11 @@ class TrainingRun:
     def _find_checkpoint(self) -> FoundCheckpoint | None:
         if self.fresh:
             return None
-        local: FoundCheckpoint | None = None
-        for path, manifest in ckpt.valid_checkpoints(self.run.checkpoints):
-            local = self._load(path, manifest)
-            if local is not None:
-                break
-        if self.mirror is not None and self._mirror_is_newer(local):
-            restored = self.mirror.restore_latest(self.run.checkpoints, self._accept_from_mirror)
-            if restored is not None:
-                path, (manifest, states) = restored
-                return FoundCheckpoint(path, manifest, states)
-        return local
+        return ResumePoint(self.run.checkpoints, self.config_hash, self.mirror, self._read_states).find()
 
-    def _mirror_is_newer(self, local: FoundCheckpoint | None) -> bool:
-        """Whether the mirror's newest checkpoint is past the local one. A box that moved to another
-        provider and back finds its old volume's checkpoints older than what the other box
-        mirrored; resuming from them would redo that work. A local checkpoint needs no mirror:
-        an unreachable one then only costs a warning."""
-        assert self.mirror is not None
-        if local is None:
-            return True
-        try:
-            name = self.mirror.latest_name()
-        except CheckpointError as exc:
-            log.warning("resuming from the local checkpoint without comparing it to the mirror's: %s", exc)
-            return False
-        return name is not None and int(name.split("-", 1)[1]) > int(local.manifest["step"])
-
-    def _accept_from_mirror(self, tmp: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Check a mirror's copy where it was downloaded, before it gets a checkpoint's name:
-        nothing unchecked ever looks committed. Raises ``CheckpointError`` to refuse it."""
-        if manifest["config_hash"] != self.config_hash:
-            raise CheckpointError(
-                f"it belongs to another config (hash {manifest['config_hash']}, this run's is {self.config_hash})"
-            )
-        return manifest, self._read_states(tmp)
-
-    def _load(self, path: Path, manifest: dict[str, Any]) -> FoundCheckpoint | None:
-        """Read a checkpoint's state files as data only; a refused one is moved aside."""
-        if manifest["config_hash"] != self.config_hash:
-            raise ConfigChangedError(
-                f"checkpoint {path} belongs to another config (hash {manifest['config_hash']}); "
-                "start over with --fresh or use a new run name"
-            )
-        try:
-            return FoundCheckpoint(path, manifest, self._read_states(path))
-        except CheckpointError as exc:
-            aside = path.with_name(f".refused-{path.name}-{int(time.time())}")
-            os.rename(path, aside)
-            log.warning("checkpoint refused: %s; moved aside as %s, falling back to an earlier one", exc, aside.name)
-            return None
-
-    def _build(self) -> Built:
-        from sae_lens.training.sae_trainer import SAETrainer
-
-        found = self._find_checkpoint()
+    def _model_and_tokens(self) -> tuple[Any, TokenRows, torch.Tensor | None]:
+        """What every SAE of the run reads, made once: the model (after seeding, as SAELens
+        does), its hooks checked, the token rows and the token ids the streams drop."""
         cfg, fields = self.cfg, self.settings.runner_fields
         for note in self.settings.notes:
             log.info(note)
@@ -316,7 +225,7 @@ class TrainingRun:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.seed)
         model, tokenizer, tokenizer_name = load_language_model(self.settings, str(cfg.llm_device))
-        check_hook(self.settings, model, cfg.sae.d_in)
+        self._check_hooks(model)
         stream_context = len(range(cfg.context_size)[slice(*cfg.seqpos_slice)])
         exclude = build_exclude_tokens(fields, tokenizer)
         tokens = open_token_rows(  # tokenized in the background: training starts on the first rows
@@ -329,6 +238,17 @@ class TrainingRun:
             reuse_from=(self.target.data_dir,) if self.run is not self.target else (),
             exclude_tokens=exclude,
         )
+        return model, tokens, exclude
+
+    def _check_hooks(self, model: Any) -> None:
+        check_hook(self.settings, model, self.cfg.sae.d_in)
+
+    def _build(self) -> Built:
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        found = self._find_checkpoint()
+        cfg, fields = self.cfg, self.settings.runner_fields
+        model, tokens, exclude = self._model_and_tokens()
         stream = ActivationStream(model, tokens, fields, cfg.sae.d_in, exclude)
         sae = make_training_sae(self.settings, cfg)
         set_sae_metadata(sae, cfg)
@@ -350,84 +270,104 @@ class TrainingRun:
             self.uploader.submit(committed)
 
     def _train(self, built: Built) -> Outcome:
-        trainer, stream, res = built.trainer, built.stream, self.settings.resilience
-        total = trainer.cfg.total_training_samples
-        status = self.status
-        assert status is not None
-        status.update(state="running", step=trainer.n_training_steps, tokens_done=trainer.n_training_samples)
-        status.update(resumed_from_step=built.resumed_from)
-        status.write()
+        trainer, stream = built.trainer, built.stream
+        writer = self._begin(built.resumed_from, [trainer])
         wb = open_run(self.cfg, self.settings.logger_fields, self.run.root, built.checkpoint, trainer.n_training_steps)
-        if self.mirror is not None:
-            self.uploader = MirrorUploader(self.mirror, res.mirror_max_consecutive_failures, res.mirror_retry_seconds)
-        retain = self.uploader.retain(self.run.checkpoints, res.keep_last) if self.uploader is not None else None
-        writer = ckpt.CheckpointWriter(self.run.checkpoints, res.keep_last, self._after_commit, retain)
-        # The optimizer step is the one place the large tensors change; it waits for a
-        # snapshot in flight to finish copying them.
-        trainer.optimizer.register_step_pre_hook(lambda *_: writer.wait_staged())
-        self._estimate_scaler_if_needed(trainer, stream)
-        progress = Progress(total, trainer.n_training_samples)
-        window = RateWindow(time.monotonic(), trainer.n_training_samples)
-        last_checkpoint_time, last_checkpoint_tokens = time.monotonic(), trainer.n_training_samples
-        last_status = 0.0
-        try:
-            while trainer.n_training_samples < total:
-                sparsity_log = trainer.maybe_reset_sparsity()
-                output = trainer.step(next(stream))
-                if wb is not None:
-                    wb.log_step(trainer, output, sparsity_log)
-                trainer.n_training_steps += 1
-                if self.stop.requested or self._mirror_failed():
-                    break
-                now = time.monotonic()
-                tokens_due = res.checkpoint_every_tokens is not None and (
-                    trainer.n_training_samples - last_checkpoint_tokens >= res.checkpoint_every_tokens
-                )
-                if tokens_due or now - last_checkpoint_time >= res.checkpoint_every_seconds:
-                    writer.submit(self._snapshot(trainer, stream, wb))
-                    last_checkpoint_time, last_checkpoint_tokens = now, trainer.n_training_samples
-                if now - last_status >= res.status_every_seconds:
-                    last_status = now
-                    rate = window.rate(now, trainer.n_training_samples)
-                    losses = {k: float(v.item() if hasattr(v, "item") else v) for k, v in output.losses.items()}
-                    self._report(trainer, writer, rate, losses)
-                    progress.update(trainer.n_training_samples, trainer.n_training_steps, losses, rate)
-            if trainer.n_training_samples < total and (self.stop.requested or self._mirror_failed()):
-                writer.submit(self._snapshot(trainer, stream, wb))
-                committed = writer.wait()
-                saved = f"checkpoint {committed.path.name if committed else '?'} saved"
-                if self.uploader is not None and self.uploader.fatal is not None:
-                    raise CheckpointError(f"{self.uploader.fatal}; {saved}")
-                message = f"stopped by {self.stop.signal_name}; {saved}"
-                self._close_uploader()
-                self._report(trainer, writer, None, {}, state="interrupted", message=message)
-                return Outcome(EXIT_INTERRUPTED, message + "; run the same command to continue")
-            writer.wait()
+        estimate_if_needed(trainer, stream)  # as SAETrainer.fit, before the first step
+
+        def step() -> Any:
+            sparsity_log = trainer.maybe_reset_sparsity()
+            output = trainer.step(next(stream))
+            if wb is not None:
+                wb.log_step(trainer, output, sparsity_log)
+            trainer.n_training_steps += 1
+            return output
+
+        def snapshot() -> ckpt.Snapshot:
+            taken = take_snapshot(trainer, stream, self.config_hash, versions())
+            if wb is not None:
+                wb.add_to(taken)  # the wandb run id and the newest records travel with the checkpoint
+            return taken
+
+        def save() -> str:
             stream.finish()  # the prefetch thread stops; the token array is completed
-            if not self.run.config_file.exists():  # a run too short for a checkpoint: pin it now
-                write_json_atomic(self.run.config_file, self.settings.comparable())
             if wb is not None:
                 wb.log_last_window(trainer)
             save_final(trainer, self.cfg, self.run, versions())
             if wb is not None:
                 wb.log_final(trainer, self.cfg, self.run.final)
-            self._close_uploader()
-            self._report(trainer, writer, None, {}, state="finished", message=None)
-            return Outcome(EXIT_FINISHED, f"finished: the SAE is in {self.run.final}")
+            return f"finished: the SAE is in {self.run.final}"
+
+        try:
+            stopped = self._steps(trainer, writer, step, snapshot, lambda output: plain_losses(output.losses))
+            return self._conclude(stopped, trainer, writer, snapshot, save)
         except BaseException:
             with contextlib.suppress(BaseException):
                 writer.wait()
             raise
         finally:
-            progress.close()
             if wb is not None:
                 wb.close()
 
-    def _snapshot(self, trainer: Any, stream: ActivationStream, wb: WandbLog | None) -> ckpt.Snapshot:
-        snapshot = take_snapshot(trainer, stream, self.config_hash, versions())
-        if wb is not None:
-            wb.add_to(snapshot)  # the wandb run id and the newest records travel with the checkpoint
-        return snapshot
+    def _begin(self, resumed_from: int | None, trainers: list[Any]) -> ckpt.CheckpointWriter:
+        """Training starts: status says so, the mirror's uploader and the checkpoint writer start."""
+        res, status, first = self.settings.resilience, self.status, trainers[0]
+        assert status is not None
+        status.update(state="running", step=first.n_training_steps, tokens_done=first.n_training_samples)
+        status.update(resumed_from_step=resumed_from)
+        status.write()
+        if self.mirror is not None:
+            self.uploader = MirrorUploader(self.mirror, res.mirror_max_consecutive_failures, res.mirror_retry_seconds)
+        retain = self.uploader.retain(self.run.checkpoints, res.keep_last) if self.uploader is not None else None
+        writer = ckpt.CheckpointWriter(self.run.checkpoints, res.keep_last, self._after_commit, retain)
+        for trainer in trainers:
+            # The optimizer step is the one place the large tensors change; it waits for a
+            # snapshot in flight to finish copying them.
+            trainer.optimizer.register_step_pre_hook(lambda *_: writer.wait_staged())
+        return writer
+
+    def _steps(
+        self, trainer: Any, writer: ckpt.CheckpointWriter, step: Stepper, snapshot: Snapshotter, losses: Losses
+    ) -> bool:
+        """Train to the end (False) or until a signal or the mirror stops it (True)."""
+        return run_steps(
+            trainer,
+            writer,
+            self.settings.resilience,
+            step,
+            snapshot,
+            losses,
+            stopping=lambda: self.stop.requested or self._mirror_failed(),
+            report=lambda rate, latest: self._report(trainer, writer, rate, latest),
+        )
+
+    def _conclude(
+        self,
+        stopped: bool,
+        trainer: Any,
+        writer: ckpt.CheckpointWriter,
+        snapshot: Snapshotter,
+        save: Callable[[], str],
+    ) -> Outcome:
+        """The end of a launch: stopped early, a last checkpoint; else the run is finished by
+        ``save`` (final/, wandb's last records; it returns the message)."""
+        if stopped:
+            writer.submit(snapshot())
+            committed = writer.wait()
+            saved = f"checkpoint {committed.path.name if committed else '?'} saved"
+            if self.uploader is not None and self.uploader.fatal is not None:
+                raise CheckpointError(f"{self.uploader.fatal}; {saved}")
+            message = f"stopped by {self.stop.signal_name}; {saved}"
+            self._close_uploader()
+            self._report(trainer, writer, None, {}, state="interrupted", message=message)
+            return Outcome(EXIT_INTERRUPTED, message + "; run the same command to continue")
+        writer.wait()
+        if not self.run.config_file.exists():  # a run too short for a checkpoint: pin it now
+            write_json_atomic(self.run.config_file, self.settings.comparable())
+        message = save()
+        self._close_uploader()
+        self._report(trainer, writer, None, {}, state="finished", message=None)
+        return Outcome(EXIT_FINISHED, message)
 
     def _mirror_failed(self) -> bool:
         return self.uploader is not None and self.uploader.fatal is not None
@@ -437,54 +377,12 @@ class TrainingRun:
         if self.uploader is not None:
             self.uploader.close()
 
-    def _estimate_scaler_if_needed(self, trainer: Any, stream: ActivationStream) -> None:
-        # Same rule as SAETrainer.fit: statistics restored from a checkpoint are kept.
-        mode = trainer.sae.cfg.normalize_activations
-        if mode == "expected_average_only_in" and trainer.activation_scaler.scaling_factor is None:
-            trainer.activation_scaler.estimate_scaling_factor(
-                d_in=trainer.sae.cfg.d_in,
-                data_provider=stream,
-                n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
-            )
-        elif mode == "covariance_whitening" and trainer.activation_scaler.whitening is None:
-            trainer.activation_scaler.estimate_whitening(
-                d_in=trainer.sae.cfg.d_in,
-                data_provider=stream,
-                n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
-            )
-
     def _report(
-        self,
-        trainer: Any,
-        writer: ckpt.CheckpointWriter,
-        rate: float | None,
-        losses: dict[str, float],
-        **extra: Any,
+        self, trainer: Any, writer: ckpt.CheckpointWriter, rate: float | None, losses: dict[str, float], **extra: Any
     ) -> None:
-        status = self.status
-        assert status is not None
-        total = trainer.cfg.total_training_samples
-        last = writer.last_committed
-        fields: dict[str, Any] = {
-            "step": trainer.n_training_steps,
-            "tokens_done": trainer.n_training_samples,
-            "tokens_per_second": rate,
-            "eta_seconds": (total - trainer.n_training_samples) / rate if rate else None,
-            **extra,
-        }
-        if losses:
-            fields["losses"] = losses
-        if self.uploader is not None:
-            fields["mirror"] = self.uploader.status()
-        if last is not None:
-            fields["last_checkpoint"] = {
-                "step": last.step,
-                "tokens": last.n_training_samples,
-                "path": str(last.path),
-                "time": last.created_at,
-            }
-        status.update(**fields)
-        status.write()
+        assert self.status is not None
+        mirror = self.uploader.status() if self.uploader is not None else None
+        report(self.status, trainer, writer.last_committed, mirror, rate, losses, **extra)
 
 
 def train(settings: RunSettings, runs_dir: Path, fresh: bool = False) -> Outcome:

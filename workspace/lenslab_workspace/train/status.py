@@ -150,3 +150,42 @@ class StatusFile:
             write_json_atomic(self.path, self.fields)
         except OSError as exc:
             log.warning("cannot write %s: %s", self.path, exc)
+
+
+def plain_losses(losses: dict[str, Any]) -> dict[str, float]:
+    """A train step's losses (tensors) as numbers."""
+    return {key: float(value.item() if hasattr(value, "item") else value) for key, value in losses.items()}
+
+
+def report(
+    status: StatusFile,
+    trainer: Any,
+    last: Any,
+    mirror: dict[str, Any] | None,
+    rate: float | None,
+    losses: dict[str, float],
+    **extra: Any,
+) -> None:
+    """Write where training stands: ``trainer``'s counters (a group's first SAE's), the rate,
+    ``losses`` if any, the mirror's state and ``last`` (the newest committed checkpoint)."""
+    total = trainer.cfg.total_training_samples
+    fields: dict[str, Any] = {
+        "step": trainer.n_training_steps,
+        "tokens_done": trainer.n_training_samples,
+        "tokens_per_second": rate,
+        "eta_seconds": (total - trainer.n_training_samples) / rate if rate else None,
+        **extra,
+    }
+    if losses:
+        fields["losses"] = losses
+    if mirror is not None:
+        fields["mirror"] = mirror
+    if last is not None:
+        fields["last_checkpoint"] = {
+            "step": last.step,
+            "tokens": last.n_training_samples,
+            "path": str(last.path),
+            "time": last.created_at,
+        }
+    status.update(**fields)
+    status.write()

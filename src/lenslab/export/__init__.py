@@ -1,0 +1,1 @@
+"""Runs as tasks for other schedulers: ``lenslab export skypilot`` (lenslab.export.skypilot)."""
