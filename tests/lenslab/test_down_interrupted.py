@@ -80,6 +80,7 @@ def test_ctrl_c_while_containers_stop_still_terminates(cloud: Cloud) -> None:
     assert cloud.emulator.instances == {}
 
 
+@pytest.mark.slow  # waits out real timeouts or processes: seconds
 def test_ctrl_c_while_terminating_says_it_still_bills(cloud: Cloud, proxy: FlakyProxy) -> None:
     cloud.launch_directly()
     proxy.fail("POST", TERMINATE, "timeout", forward=False)

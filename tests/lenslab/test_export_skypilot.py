@@ -146,6 +146,7 @@ def test_the_task_has_the_boxs_resources_and_no_secret_values(tmp_path: Path, mo
         assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
 
 
+@pytest.mark.slow  # builds the sources tarball: seconds
 def test_spot_with_on_demand_fallback_orders_every_spot_candidate_first(tmp_path: Path) -> None:
     project = write_project(
         tmp_path,

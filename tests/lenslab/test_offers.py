@@ -165,6 +165,7 @@ def test_a_key_file_must_be_private_and_works_when_it_is(clouds: Clouds, home: P
     assert any(r["provider"] == "vast" for r in data["offers"])
 
 
+@pytest.mark.slow  # waits out real timeouts or processes: seconds
 def test_a_provider_that_is_down_is_one_line_while_the_others_answer(clouds: Clouds) -> None:
     start = time.monotonic()
     result = run(clouds, "offers", "--json", env=clouds.env(LAMBDA_API_URL=closed_port_url("/api/v1")))

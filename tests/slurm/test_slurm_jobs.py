@@ -22,13 +22,14 @@ from lenslab.providers.slurm.lab import collect, job_spec
 # Stands in for lenslab-train: reports each SIGTERM, checkpoints (exit 75) on the first.
 TRAINER = """#!/bin/bash
 echo "args $*" >> "$(dirname "$0")/calls"
-trap 'echo term >> "$(dirname "$0")/calls"; exit 75' TERM
+trap 'echo term >> "$(dirname "$0")/calls"; sleep "${SAVE_SECONDS:-0}"; exit 75' TERM
 echo started >> "$(dirname "$0")/calls"
 [ -n "${FINISH:-}" ] && exit 0
 while :; do sleep 0.1; done
 """
 SCONTROL = """#!/bin/bash
 echo "scontrol $*" >> "$(dirname "$0")/calls"
+[ -z "${SCONTROL_FAILS:-}" ]
 """
 
 
@@ -114,6 +115,41 @@ def test_signals_checkpoint_once_and_requeue_only_before_the_limit(
     calls = _calls(root)
     assert calls.count("term") == 1  # a second SIGTERM would make the trainer exit without its checkpoint
     assert ("scontrol requeue 41" in calls) is requeues
+
+
+def test_a_stop_during_the_time_limits_checkpoint_sends_no_second_sigterm(tmp_path: Path) -> None:
+    root, script = _script(tmp_path, [("a", "a.toml")])
+    proc = _start(root, script, 0, SAVE_SECONDS="1")
+    _wait_for(lambda: "started" in _calls(root))
+    proc.send_signal(signal.SIGUSR1)
+    _wait_for(lambda: "term" in _calls(root))
+    proc.send_signal(signal.SIGUSR2)  # while the checkpoint is being written
+    assert proc.wait(10) == 0
+    assert _calls(root).count("term") == 1
+    assert _events(root, "a")[-1] == ["exit", str(EXIT_INTERRUPTED), "stop"]
+    assert "scontrol requeue 41" not in _calls(root)
+
+
+def test_a_failed_requeue_ends_the_task_as_interrupted(tmp_path: Path) -> None:
+    root, script = _script(tmp_path, [("a", "a.toml")])
+    proc = _start(root, script, 0, SCONTROL_FAILS="1")
+    _wait_for(lambda: "started" in _calls(root))
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(10) == EXIT_INTERRUPTED
+    assert "scontrol requeue 41" in _calls(root)
+    assert _events(root, "a")[-1] == ["exit", str(EXIT_INTERRUPTED), "exit"]
+    assert "the requeue failed" in (root / "runs/a/train.log").read_text()
+    assert jobs.shown_state({"state": "interrupted"}, None, jobs.parse_events(
+        (root / "runs-config/a" / jobs.EVENTS_FILE).read_text())) == "interrupted"  # fmt: skip
+
+
+def test_the_time_limits_warning_before_the_trainer_starts_requeues(tmp_path: Path) -> None:
+    root, script = _script(tmp_path, [("a", "a.toml")])
+    script.write_text(script.read_text().replace("root=", "kill -USR1 $$\nroot=", 1))
+    proc = _start(root, script, 0)
+    assert proc.wait(10) == 0
+    assert _events(root, "a")[-1] == ["exit", str(EXIT_INTERRUPTED), "requeue"]
+    assert "started" not in _calls(root) and "scontrol requeue 41" in _calls(root)
 
 
 def test_stop_before_the_trainer_starts_starts_nothing(tmp_path: Path) -> None:

@@ -145,6 +145,7 @@ def job(tmp_path: Path) -> Path:
     return script
 
 
+@pytest.mark.slow  # waits out real timeouts or processes: seconds
 def test_place_gives_each_command_its_own_gpu_and_queues_the_rest_in_order(root: Path, tmp_path: Path) -> None:
     """A training container's command on a box with an engine: ``lenslab-box place``."""
     env = stand_in_smi(tmp_path / "bin", TWO_GPUS)

@@ -168,6 +168,7 @@ def test_the_sixth_crash_in_a_row_is_not_restarted(root: Path, tmp_path: Path) -
     assert "trainer crashed (exit 1) after 5 restarts; not restarting it" in console
 
 
+@pytest.mark.slow  # waits out real timeouts or processes: seconds
 def test_a_finished_or_refused_run_is_not_restarted(root: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "r4"\nno_such_field = 1\n')

@@ -69,7 +69,9 @@ class JobSpec:
             "--requeue",
             f"--signal=B:USR1@{self.signal_lead}",
             "--open-mode=append",
-            f"--output={root}/{SLURM_DIR}/out/%A_%a.out",
+            # Relative to the submit directory (the root: sbatch runs there), because sbatch
+            # splits a directive at whitespace and would cut a root with a space in it.
+            f"--output={SLURM_DIR}/out/%A_%a.out",
             "--nodes=1",
             "--ntasks=1",
         ]
@@ -86,8 +88,11 @@ class JobSpec:
 _BODY = """\
 set -u
 why=
-trap 'why=requeue; [ -n "${pid:-}" ] && kill -TERM "$pid"' USR1
-trap 'why=stop; [ -n "${pid:-}" ] && kill -TERM "$pid"' USR2
+# One SIGTERM only: a second one makes the trainer exit at once, without the checkpoint the
+# first one started (a stop during the time limit's checkpoint, a stop asked twice).
+ask() { why=$1; [ -n "${pid:-}" ] && [ -z "${asked:-}" ] && { asked=1; kill -TERM "$pid"; }; }
+trap 'ask requeue' USR1
+trap 'ask stop' USR2
 trap 'why=${why:-ended}' TERM
 root=%(root)s
 names=(%(names)s)
@@ -101,6 +106,10 @@ say() { printf '%%s slurm: %%s\\n' "$(date '+%%Y-%%m-%%d %%H:%%M:%%S')" "$*" >> 
 node=${SLURMD_NODENAME:-$(hostname)}
 note start "$SLURM_JOB_ID" "$node" "${SLURM_RESTART_COUNT:-0}"
 say "job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} started on $node (restart ${SLURM_RESTART_COUNT:-0})"
+if [ "$why" = requeue ]; then  # the time limit's warning before the trainer started: again later
+  note exit %(interrupted)d requeue; scontrol requeue "$SLURM_JOB_ID" && exit 0
+  note exit %(interrupted)d exit; exit %(interrupted)d
+fi
 [ -z "$why" ] || { note exit 0 "$why"; exit 0; }
 export HF_HOME="$root/hf-cache" PYTHONUNBUFFERED=1
 %(train)s "$conf/${files[$SLURM_ARRAY_TASK_ID]}" --runs-dir "$root/%(runs)s" >> "$rundir/%(console)s" 2>&1 < /dev/null &
@@ -114,10 +123,13 @@ done
 if [ "$rc" -gt 128 ]; then wait "$pid" 2>/dev/null; r=$?; [ "$r" -eq 127 ] || rc=$r; fi
 action=${why:-exit}
 if [ "$rc" -eq %(interrupted)d ] && [ "$why" = requeue ]; then
+  # Written before the requeue, which ends this very job.
   note exit "$rc" requeue
   say "trainer checkpointed (exit $rc) before the time limit; requeueing"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  note exit "$rc" exit
+  say "the requeue failed; run lenslab train again to continue from the checkpoint"
+  exit "$rc"
 fi
 note exit "$rc" "$action"
 say "trainer exited $rc ($action)"

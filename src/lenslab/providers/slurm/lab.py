@@ -104,14 +104,20 @@ class SlurmLab:
             for i, name in enumerate(names)
         )
         result = self.runner.run(
-            f'root={shlex.quote(self.lab.root)} && mkdir -p "$root" && cd "$root" && mkdir -p {jobs.SLURM_DIR}/out '
-            + ("&& tar -xf - " if bundle is not None else "")
-            + f"&& jid=$(sbatch --parsable {shlex.quote(script)}) && jid=${{jid%%;*}} "
-            + "&& case $jid in ''|*[!0-9]*) exit 3;; esac "
-            + f'&& {records} && printf "%s\\n" "$jid"',
+            in_bash(
+                f'root={shlex.quote(self.lab.root)} && mkdir -p "$root" && cd "$root" && mkdir -p {jobs.SLURM_DIR}/out '
+                + ("&& tar -xf - " if bundle is not None else "")
+                + f"&& jid=$(sbatch --parsable {shlex.quote(script)}) && jid=${{jid%%;*}} "
+                + "&& case $jid in ''|*[!0-9]*) exit 3;; esac "
+                + f'&& {{ {records} || {{ printf "submitted as job %s, but its runs were not recorded: scancel %s\\n" '
+                + '"$jid" "$jid" >&2; exit 4; }; } && printf "%s\\n" "$jid"'
+            ),
             stdin=bundle,
         )
         array = jobs.parse_job_id(result.stdout) if result.exit_status == 0 else None
+        if result.exit_status == 4:  # queued, but `runs` and `stop` cannot see it: say how to end it
+            said = [line for line in result.stderr.splitlines() if line.strip()] or ["submitted, but not recorded"]
+            raise LenslabError(text(said[-1], 200), "free space on the root, then train again")
         if array is None:
             lines = [line for line in result.stderr.splitlines() if line.strip()]
             why = text(lines[-1] if lines else result.stdout or f"exit {result.exit_status}", 200)
@@ -139,7 +145,7 @@ class SlurmLab:
 
     def _not_started(self, name: str, why: str) -> RunDidNotStart:
         log = shlex.quote(f"{self._run_dir(name)}/{jobs.CONSOLE_FILE}")
-        out = self.runner.run(f"tail -n {LOG_TAIL_LINES} {log} 2>/dev/null")
+        out = self.runner.run(in_bash(f"tail -n {LOG_TAIL_LINES} {log} 2>/dev/null"))
         tail = [text(line) for line in out.stdout.splitlines() if line.strip()][-LOG_TAIL_LINES:]
         return RunDidNotStart(
             f"run {name} did not start: {why}",
@@ -178,7 +184,7 @@ class SlurmLab:
             'ids=$(printf "%s\\n" $ids | sort -u); '
             'printf "Q %s\\n" "$(for a in $ids; do scontrol -o show job "$a" 2>/dev/null; done | base64 -w0)"'
         )
-        result = self.runner.run(command)
+        result = self.runner.run(in_bash(command))
         if result.exit_status != 0:
             raise RemoteError(f"cannot list the runs on the cluster: {text(result.stderr or result.stdout, 200)}")
         return collect(result.stdout[:MAX_REPLY_BYTES])
@@ -197,8 +203,9 @@ class SlurmLab:
             # Nothing runs: the task leaves the queue; its checkpoints stay for a later `train`.
             self.runner.run(f"scancel {task}", check=True)
             return EXIT_INTERRUPTED if status.get("last_checkpoint") else 0
-        asked = time.time()
-        self.runner.run(f"scancel --batch --signal=USR2 {task}", check=True)
+        # The login node's clock, not the laptop's: the exit record is stamped on the cluster.
+        said = self.runner.run(in_bash(f"scancel --batch --signal=USR2 {task} && date +%s"), check=True).stdout.split()
+        asked = int(said[-1]) if said and said[-1].isdigit() else 0
         deadline = time.monotonic() + STOP_TIMEOUT_SECONDS + 30
         while time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)
@@ -213,7 +220,8 @@ class SlurmLab:
         )
 
     def stop_all(self) -> list[str]:
-        """Stop every live task gracefully (`lenslab down`); their runs' names."""
+        """Stop every live task gracefully; their runs' names. (`lenslab down` leaves a cluster's
+        jobs alone: the queue is the user's, not a machine lenslab rents.)"""
         return [
             s["name"] for s in self.list_runs() if s["scheduler"]["active"] and self.stop_run(s["name"]) is not None
         ]
@@ -241,7 +249,7 @@ class SlurmLab:
             follower.out.write(chunk)
             follower.out.flush()
 
-        stream_command(self.runner, command, sink)
+        stream_command(self.runner, in_bash(command), sink)
         return False
 
     def jupyter_access(self) -> tuple[int, str]:
@@ -249,6 +257,12 @@ class SlurmLab:
             "Jupyter is not started on a Slurm cluster's login node",
             "use `lenslab ssh` or `lenslab code` on the login node, or run Jupyter in a Slurm job of your own",
         )
+
+
+def in_bash(command: str) -> str:
+    """``command`` run by bash, whatever the login shell is (tcsh, zsh: their loops, globs and
+    word splitting differ from what these scripts are written for)."""
+    return f"bash -c {shlex.quote(command)}"
 
 
 def collect(out: str) -> dict[str, dict[str, Any]]:
