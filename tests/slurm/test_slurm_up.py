@@ -240,3 +240,44 @@ def test_up_without_sources_to_install_is_one_line(slurm_cluster: SlurmCluster, 
     assert up.returncode == 2
     assert "box.build_context: `lenslab up` installs lenslab on the cluster's shared root" in one_error_line(up.stderr)
     assert not (slurm_cluster.host_shared / root.removeprefix("/shared/")).exists()
+
+
+@pytest.mark.slow
+def test_jupyter_runs_on_the_login_node_through_the_tunnel(slurm_project: Path) -> None:
+    """`lenslab jupyter` starts JupyterLab on the login node (127.0.0.1 there) from the venv on
+    the shared root, and tunnels a port of this machine to it; Jupyter's API answers the token."""
+    import os
+    import socket
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from tests.support.slurm_cluster import LENSLAB
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "NO_COLOR": "1"}
+    with subprocess.Popen([LENSLAB, "jupyter", "--port", str(port)], cwd=slurm_project, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env) as tunnel:  # fmt: skip
+        try:
+            assert tunnel.stdout is not None and tunnel.stderr is not None
+            timer = threading.Timer(180, tunnel.kill)  # a hang must fail the test, not stall it
+            timer.start()
+            url = tunnel.stdout.readline().strip()
+            timer.cancel()
+            assert url.startswith(f"http://127.0.0.1:{port}/lab?token="), url or tunnel.stderr.read()
+            token = url.split("token=", 1)[1]
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/status",
+                                             headers={"Authorization": f"token {token}"})  # fmt: skip
+            deadline, answer = time.monotonic() + 120, None
+            while answer is None:
+                try:
+                    with urllib.request.urlopen(request, timeout=5) as response:
+                        answer = json.loads(response.read())
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    assert time.monotonic() < deadline, "Jupyter on the login node did not answer"
+                    time.sleep(0.5)
+            assert "started" in answer
+        finally:
+            tunnel.terminate()

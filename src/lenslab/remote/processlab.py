@@ -47,8 +47,8 @@ class BoxCommandFailed(CommandFailed):
     """``lenslab-box`` answered with an error (its one line is the message)."""
 
 
-def box_command(root: str, *args: str) -> str:
-    return shlex.join([BOX_COMMAND, "--root", root, *args])
+def box_command(root: str, *args: str, box: str = BOX_COMMAND) -> str:
+    return shlex.join([box, "--root", root, *args])
 
 
 def check_version(runner: Runner) -> str:
@@ -60,9 +60,10 @@ def check_version(runner: Runner) -> str:
     return text(answer.removeprefix(f"{BOX_COMMAND} "), 40)
 
 
-def ask(runner: Runner, root: str, *args: str) -> Any:
-    """Run ``lenslab-box ARGS`` and return its JSON answer; its error line as an exception."""
-    result = runner.run(box_command(root, *args))
+def ask(runner: Runner, root: str, *args: str, box: str = BOX_COMMAND) -> Any:
+    """Run ``lenslab-box ARGS`` (``box``: where it is, when not on PATH) and return its JSON
+    answer; its error line as an exception."""
+    result = runner.run(box_command(root, *args, box=box))
     if result.exit_status != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         line = text(lines[-1] if lines else f"exit {result.exit_status}").removeprefix("lenslab-box: error: ")
@@ -225,17 +226,16 @@ class ProcessLab:
         return False
 
     def jupyter_access(self) -> tuple[int, str]:
-        answer = self._ask("jupyter", "--json", "--port", str(self.jupyter_port))
-        port = _int(answer.get("port")) if isinstance(answer, dict) else None
-        token = answer.get("token") if isinstance(answer, dict) else None
-        if (
-            port is None
-            or not 0 < port < 65536
-            or not isinstance(token, str)
-            or not (token.isascii() and token.isalnum())
-        ):
-            raise RemoteError(f"{BOX_COMMAND} jupyter answered no port and token: {text(answer, 120)!r}")
-        return port, token
+        return jupyter_answer(self._ask("jupyter", "--json", "--port", str(self.jupyter_port)))
+
+
+def jupyter_answer(answer: Any) -> tuple[int, str]:
+    """``lenslab-box jupyter``'s port and token, checked."""
+    port = _int(answer.get("port")) if isinstance(answer, dict) else None
+    token = answer.get("token") if isinstance(answer, dict) else None
+    if port is None or not 0 < port < 65536 or not isinstance(token, str) or not (token.isascii() and token.isalnum()):
+        raise RemoteError(f"{BOX_COMMAND} jupyter answered no port and token: {text(answer, 120)!r}")
+    return port, token
 
 
 def _already_running(name: str, box: str) -> RunAlreadyRunning:

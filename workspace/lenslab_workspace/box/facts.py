@@ -197,8 +197,11 @@ def jupyter_command(root: Path, port: int) -> list[str]:
     # Beside this Python (lenslab's image), else on PATH: in a venv made on a stock image with
     # --system-site-packages, Jupyter is the image's own.
     beside = Path(sys.executable).with_name("jupyter")
-    found = str(beside) if beside.exists() else shutil.which("jupyter") or str(beside)
-    command = [found, "lab", "--no-browser", "--ip=127.0.0.1",
+    # Else JupyterLab as a module of this Python: a venv on a cluster's shared root sees the
+    # cluster Python's packages but not its scripts' directory.
+    found = str(beside) if beside.exists() else shutil.which("jupyter")
+    lab = [found, "lab"] if found else [sys.executable, "-m", "jupyterlab"]
+    command = [*lab, "--no-browser", "--ip=127.0.0.1",
                f"--port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}"]  # fmt: skip
     # A stock image's box user is root, and Jupyter Server refuses to start as root unless told.
     return [*command, "--ServerApp.allow_root=True"] if os.geteuid() == 0 else command

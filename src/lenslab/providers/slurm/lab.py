@@ -64,6 +64,7 @@ class SlurmLab:
     runner: Runner
     lab: Lab
     spec: jobs.JobSpec
+    jupyter_port: int = 8888  # where a new Jupyter listens on the login node (box.jupyter_port)
 
     def _run_dir(self, name: str) -> str:
         return f"{self.lab.root}/{RUNS_DIR}/{name}"
@@ -253,10 +254,14 @@ class SlurmLab:
         return False
 
     def jupyter_access(self) -> tuple[int, str]:
-        raise LenslabError(
-            "Jupyter is not started on a Slurm cluster's login node",
-            "use `lenslab ssh` or `lenslab code` on the login node, or run Jupyter in a Slurm job of your own",
-        )
+        """Jupyter on the login node (on 127.0.0.1; `lenslab jupyter` tunnels to it), started by
+        the lenslab-box of the venv on the shared root: researchers already work there."""
+        from lenslab.remote.processlab import BOX_COMMAND, ask, jupyter_answer
+        from lenslab.remote.slurmbox import venv_path
+
+        box = f"{venv_path(self.lab.root)}/bin/{BOX_COMMAND}"
+        return jupyter_answer(ask(self.runner, self.lab.root, "jupyter", "--json", "--port", str(self.jupyter_port),
+                                  box=box))  # fmt: skip
 
 
 def in_bash(command: str) -> str:

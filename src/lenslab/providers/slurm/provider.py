@@ -48,7 +48,7 @@ class SlurmProvider(SSHProvider):
         """Runs as tasks of Slurm job arrays (lenslab.providers.slurm.lab)."""
         from lenslab.providers.slurm.lab import SlurmLab, job_spec
 
-        return SlurmLab(runner, lab, job_spec(cfg))
+        return SlurmLab(runner, lab, job_spec(cfg), cfg.box.jupyter_port)
 
     def kept_note(self) -> str:
         return "; Slurm jobs were not cancelled (the cluster is shared: `lenslab stop NAME` stops a run)"
