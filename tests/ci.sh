@@ -29,8 +29,10 @@ run_group() {  # name, marker expression, then paths or options
 # The watcher's tests (preemptions on emulated clouds), the Slurm cluster's and the SkyPilot
 # export's spend most of their time waiting for polls, schedulers and relaunches: a third group
 # beside the other two. Their containers carry names and labels of their own, so they never
-# touch the box group's.
-cluster_tests=(tests/lenslab/test_watch*.py tests/slurm tests/lenslab/test_export_skypilot.py)
+# touch the box group's. The evaluation CLI's tests (about a quarter of the rest's time) join
+# them, so the three groups take about as long as one another.
+cluster_tests=(tests/lenslab/test_watch*.py tests/slurm tests/lenslab/test_export_skypilot.py
+  tests/analysis/test_eval_cli.py)
 ignore_clusters=()
 for path in "${cluster_tests[@]}"; do ignore_clusters+=("--ignore=$path"); done
 run_group boxes "docker" "${ignore_clusters[@]}" & boxes=$!
